@@ -1,0 +1,180 @@
+"""The ``edge-imagegen`` command: generate, doctor (serve and submit come with the daemon)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .bundle import load_bundle
+from .config import Config, load_config
+from .errors import ConfigError, EdgeError
+from .jobs import parse_job, resolve_seed
+from .output import save_result
+from .pipeline import Pipeline, Step
+
+log = logging.getLogger("edge")
+
+JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (default: built-in defaults, see configs/default.yaml)")
+    p.add_argument("--model", help="model bundle folder (default: the embedded model)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads (default: physical cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-imagegen", description="Text-to-image on small ARM64 boards.")
+    parser.add_argument("--version", action="version", version=f"edge-imagegen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images for one prompt and print their paths")
+    gen.add_argument("prompt")
+    gen.add_argument("--negative", dest="negative_prompt", help="negative prompt")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off)")
+    gen.add_argument("--seed", type=int, help="-1 or absent: random (the seed used is printed)")
+    gen.add_argument("--count", type=int, help="number of images; seeds seed, seed+1, ...")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
+    gen.add_argument("--out", help="output folder (config output.dir)")
+    gen.add_argument("--id", help="job id used in file names (default: random)")
+    _add_common(gen)
+
+    doc = sub.add_parser("doctor", help="show the runtime, CPU, memory and model bundle")
+    _add_common(doc)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        overrides["model.path"] = args.model
+    if getattr(args, "threads", None) is not None:
+        overrides["runtime.threads"] = args.threads
+    if getattr(args, "out", None):
+        overrides["output.dir"] = args.out
+    config = load_config(args.config, overrides)
+    if not args.verbose:
+        logging.getLogger().setLevel(config.log_level.upper())
+    return config
+
+
+class ProgressBar:
+    """A one-line bar on a terminal, plain lines otherwise (journald, pipes, CI logs)."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def __call__(self, s: Step) -> None:
+        label = f"image {s.image + 1}/{s.count} step {s.step}/{s.steps} ({s.seconds:.2f} s/step)"
+        if self.tty:
+            filled = int(30 * s.step / s.steps)
+            end = "\n" if s.step == s.steps else ""
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {label}{end}")
+        else:
+            self.stream.write(label + "\n")
+        self.stream.flush()
+
+
+def load_pipeline(config: Config) -> Pipeline:
+    # Memory tiers (auto, int8-lowmem) are not built yet: auto means the FP32 files.
+    precision = {"auto": "fp32"}.get(config.model.precision, config.model.precision)
+    if precision == "int8-lowmem":
+        raise ConfigError("model.precision: int8-lowmem is not available yet; use auto, fp32, fp16 or int8")
+    return Pipeline(load_bundle(config.model.path), config.runtime, precision)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
+    from . import schedulers
+    job = resolve_seed(parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits,
+                                 config.defaults, schedulers.NAMES))
+    pipeline = load_pipeline(config)
+    result = pipeline.generate(job, on_step=ProgressBar())
+    for name, n in result.tokens_dropped.items():
+        if n:
+            print(f"warning: {name} is longer than {pipeline.tokenizer.max_length} tokens; "
+                  f"{n} tokens were dropped", file=sys.stderr)
+    job_id = job.id or uuid.uuid4().hex[:12]
+    paths = save_result(result, Path(config.output.dir), job_id, model=pipeline.bundle.name,
+                        provider=pipeline.provider, precision=pipeline.precision, sidecar=config.output.sidecar)
+    steps = result.timings["steps"]
+    print(f"seed {job.seed}, {len(steps)} steps, {result.timings['total']:.2f} s", file=sys.stderr)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+    from .providers import physical_cores
+    config = config_from_args(args)
+    info: dict[str, Any] = {
+        "edge-imagegen": __version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "onnxruntime": ort.__version__,
+        "providers_in_build": ort.get_available_providers(),
+        "providers_configured": list(config.runtime.providers),
+        "physical_cores": physical_cores(),
+        "cpu_flags": _cpu_flags(),
+        "mem_available_bytes": _mem_available(),
+        "model": load_bundle(config.model.path).summary(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cpu_flags() -> list[str]:
+    """The SIMD features ONNX Runtime's kernels care about (x86 AVX*, ARM NEON/dotprod/fp16/i8mm)."""
+    interesting = {"avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "neon", "asimd",
+                   "asimddp", "asimdhp", "fphp", "i8mm", "sve", "bf16"}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return sorted(interesting & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return []
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except EdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Images on disk: atomic PNG writes with their parameters embedded, plus a JSON sidecar.
+
+Layout: ``<out>/<YYYY-MM-DD>/<YYYYmmddTHHMMSSZ>_<job id>_<seed>.png`` (UTC). The ``parameters``
+text chunk follows the AUTOMATIC1111 convention, so existing tools (A1111's "PNG Info", ComfyUI,
+exiftool) read the prompt, seed and settings back.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, PngImagePlugin
+
+from . import __version__
+from .errors import OutputError
+from .jobs import Job
+
+if TYPE_CHECKING:
+    from .pipeline import Result
+
+DPI = 300
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What goes into the PNG and its sidecar besides the pixels."""
+
+    job: Job
+    seed: int
+    width: int
+    height: int
+    sampler: str
+    model: str
+    extra: dict[str, Any]  # timings, precision, provider, tokens dropped: sidecar only
+
+
+def parameters_text(meta: ImageMeta) -> str:
+    """The AUTOMATIC1111 ``parameters`` string: prompt, optional negative prompt, settings."""
+    job = meta.job
+    lines = [job.prompt]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {job.negative_prompt}")
+    lines.append(f"Steps: {job.steps}, Sampler: {meta.sampler}, CFG scale: {job.guidance:g}, "
+                 f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}")
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Read a ``parameters`` string back (prompt, negative prompt and the settings line)."""
+    lines = text.split("\n")
+    settings = dict(item.split(": ", 1) for item in lines[-1].split(", "))
+    negative = [l[len("Negative prompt: "):] for l in lines[1:-1] if l.startswith("Negative prompt: ")]
+    return {"prompt": lines[0], "negative_prompt": negative[0] if negative else "", **settings}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` so that ``path`` holds either nothing or all of it, even after power loss.
+
+    Temp file in the same folder (rename is only atomic within a filesystem), fsync the file,
+    rename over the target, then fsync the folder so the rename itself is durable.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise OutputError(f"{path.parent}: no space left on the device; free some space or lower "
+                              f"output.max_bytes") from None
+        raise OutputError(f"{path}: could not write ({exc.strerror})") from None
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("parameters", parameters)  # iTXt: UTF-8, so non-ASCII prompts survive
+    info.add(b"sRGB", b"\x00")  # rendering intent: perceptual
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info, dpi=(DPI, DPI))
+    return buf.getvalue()
+
+
+def image_path(out_dir: Path, job_id: str, seed: int, when: datetime) -> Path:
+    return out_dir / when.strftime("%Y-%m-%d") / f"{when.strftime('%Y%m%dT%H%M%SZ')}_{job_id}_{seed}.png"
+
+
+def save_image(image: Image.Image, meta: ImageMeta, out_dir: Path, job_id: str,
+               when: datetime | None = None, sidecar: bool = True) -> Path:
+    """Write one PNG (and its sidecar ``.json``) atomically; returns the PNG's path."""
+    when = when or datetime.now(timezone.utc)
+    path = image_path(out_dir, job_id, meta.seed, when)
+    parameters = parameters_text(meta)
+    if sidecar:  # sidecar first: a PNG on disk always has its sidecar
+        record = {"image": path.name, "job_id": job_id, "request": meta.job.to_dict(), "seed": meta.seed,
+                  "width": meta.width, "height": meta.height, "sampler": meta.sampler, "model": meta.model,
+                  "parameters": parameters, "created": when.isoformat(), **meta.extra}
+        atomic_write(path.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write(path, png_bytes(image, parameters))
+    return path
+
+
+def save_result(result: Result, out_dir: Path, job_id: str, *, model: str, provider: str, precision: str,
+                sidecar: bool = True, when: datetime | None = None) -> list[Path]:
+    """Write every image of a pipeline result; returns their paths in image order."""
+    when = when or datetime.now(timezone.utc)
+    extra = {"scheduler": result.scheduler, "timings": result.timings, "tokens_dropped": result.tokens_dropped,
+             "precision": precision, "provider": provider, "version": __version__}
+    paths = []
+    for img in result.images:
+        meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
+                         sampler=result.sampler, model=model, extra=extra)
+        paths.append(save_image(img.image, meta, out_dir, job_id, when=when, sidecar=sidecar))
+    return paths

@@ -1,0 +1,244 @@
+"""Text to image: CLIP tokenizer -> text encoder -> UNet denoising loop -> VAE decoder.
+
+The whole denoising loop is :meth:`Pipeline._denoise`. Tensor names, dtypes and static
+shapes come from the ONNX sessions (:class:`OnnxModel`), so exports that use int32 ids,
+int64 timesteps or float16 weights run unchanged.
+
+Initial noise: ``numpy.random.Generator(PCG64(seed)).standard_normal(shape)`` in float64, then
+cast to float32. PCG64 and numpy's ziggurat are specified bit for bit, and drawing in float64
+before rounding hides last-ulp differences of libm between x86-64 and ARM64, so a seed gives the
+same latents on both. Image ``k`` of a job uses seed ``seed + k``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from . import schedulers
+from .bundle import Bundle
+from .errors import BundleError, CancelledError, ValidationError
+from .jobs import Job
+from .providers import RuntimeOptions, make_session
+from .tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass(frozen=True)
+class Step:
+    """Progress of a job, passed to the ``on_step`` callback after every denoising step."""
+
+    image: int  # 0-based index within the job
+    count: int
+    step: int  # 1-based
+    steps: int
+    seconds: float  # duration of this step
+
+
+@dataclass
+class GeneratedImage:
+    seed: int
+    image: Image.Image
+
+
+@dataclass
+class Result:
+    job: Job
+    images: list[GeneratedImage]
+    width: int
+    height: int
+    scheduler: str
+    sampler: str
+    tokens_dropped: dict[str, int]
+    timings: dict[str, float | list[float]] = field(default_factory=dict)
+
+
+class OnnxModel:
+    """One ONNX Runtime session plus what its inputs expect, read from the session itself."""
+
+    def __init__(self, name: str, session):
+        self.name = name
+        self.session = session
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.output = session.get_outputs()[0].name
+        self.providers = session.get_providers()
+
+    def input(self, index: int):
+        return list(self.inputs.values())[index]
+
+    def dtype(self, name: str) -> type:
+        onnx_type = self.inputs[name].type
+        if onnx_type not in ONNX_DTYPES:
+            raise BundleError(f"{self.name}: input {name} has unsupported type {onnx_type}")
+        return ONNX_DTYPES[onnx_type]
+
+    def shape(self, name: str) -> list[int | None]:
+        return [d if isinstance(d, int) else None for d in self.inputs[name].shape]
+
+    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        feeds = {k: np.ascontiguousarray(v, dtype=self.dtype(k)) for k, v in feeds.items()}
+        out = self.session.run([self.output], feeds)[0]
+        return out.astype(np.float32, copy=False)
+
+
+def make_rng(seed: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise: drawn in float64, then rounded (see the module docstring)."""
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+class Pipeline:
+    """A loaded model, kept resident between jobs. Not thread-safe: one job at a time."""
+
+    def __init__(self, bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), precision: str = "fp32"):
+        self.bundle = bundle
+        self.runtime = runtime
+        self.precision = precision
+        t0 = time.perf_counter()
+        self.tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir)
+        self.text_encoder, self.unet, self.vae_decoder = (
+            OnnxModel(name, make_session(self._variant(name), runtime))
+            for name in ("text_encoder", "unet", "vae_decoder"))
+        self.load_seconds = time.perf_counter() - t0
+        self._ids_name = self.text_encoder.input(0).name
+        self._sample, self._timestep, self._context = (self.unet.input(i).name for i in range(3))
+        self._latent_name = self.vae_decoder.input(0).name
+        self.latent_channels = self.unet.shape(self._sample)[1] or 4
+        log.info("loaded %s in %.2f s on %s", bundle.root, self.load_seconds, self.provider)
+
+    def _variant(self, component: str):
+        """The file of the requested precision, or FP32 where the bundle has no such variant."""
+        variants = self.bundle.components[component].variants
+        if self.precision not in variants:
+            log.info("%s has no %s variant; using fp32", component, self.precision)
+        return variants.get(self.precision, variants["fp32"])
+
+    @property
+    def provider(self) -> str:
+        return self.unet.providers[0]
+
+    def scheduler_names(self) -> tuple[str, ...]:
+        return schedulers.NAMES
+
+    # --- sizes -------------------------------------------------------------------------------
+    def default_size(self) -> tuple[int, int]:
+        _, _, h, w = self.unet.shape(self._sample)
+        scale = self.bundle.vae_scale
+        if h and w:
+            return w * scale, h * scale
+        side = self.bundle.native_size or 512
+        return side, side
+
+    def resolve_size(self, job: Job) -> tuple[int, int]:
+        """Width and height for a job, checked against the model's static shape if it has one."""
+        default_w, default_h = self.default_size()
+        width, height = job.width or default_w, job.height or default_h
+        _, _, h, w = self.unet.shape(self._sample)
+        scale = self.bundle.vae_scale
+        for field_name, value, static in (("width", width, w), ("height", height, h)):
+            if static and value != static * scale:
+                raise ValidationError(field_name, f"this model was exported with a fixed size of "
+                                      f"{w * scale}x{h * scale}; got {value}")
+            if value % scale:
+                raise ValidationError(field_name, f"must be a multiple of {scale}, got {value}")
+        return width, height
+
+    # --- stages ------------------------------------------------------------------------------
+    def encode(self, ids: list[int]) -> np.ndarray:
+        return self.text_encoder(**{self._ids_name: np.asarray([ids], dtype=np.int64)})
+
+    def _timestep_array(self, t: float, batch: int) -> np.ndarray:
+        rank = len(self.unet.shape(self._timestep))
+        return np.full((batch,) * rank, t)  # rank 0: a scalar; rank 1: one per batch item
+
+    def _predict_noise(self, x: np.ndarray, t: float, cond: np.ndarray, uncond: np.ndarray | None,
+                       guidance: float) -> np.ndarray:
+        def unet(sample: np.ndarray, context: np.ndarray) -> np.ndarray:
+            return self.unet(**{self._sample: sample, self._context: context,
+                                self._timestep: self._timestep_array(t, len(sample))})
+
+        if uncond is None:
+            return unet(x, cond)
+        if self.runtime.cfg_batch and self.unet.shape(self._sample)[0] in (None, 2):
+            eps_uncond, eps_cond = unet(np.concatenate([x, x]), np.concatenate([uncond, cond]))
+        else:
+            eps_uncond, eps_cond = unet(x, uncond)[0], unet(x, cond)[0]
+        # Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u)
+        return (eps_uncond + guidance * (eps_cond - eps_uncond))[None]
+
+    def _denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None, job: Job,
+                 scheduler, rng: np.random.Generator, report: Callable[[int, float], None],
+                 cancel: threading.Event | None) -> np.ndarray:
+        latents = latents * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError(f"job {job.id} cancelled before step {i + 1} of {job.steps}")
+            t0 = time.perf_counter()
+            x = scheduler.scale_model_input(latents, i)
+            eps = self._predict_noise(x, float(t), cond, uncond, job.guidance)
+            step_noise = gaussian(rng, latents.shape) if scheduler.needs_noise else None
+            latents = scheduler.step(eps, i, latents, step_noise)
+            report(i + 1, time.perf_counter() - t0)
+        return latents
+
+    def decode(self, latents: np.ndarray) -> Image.Image:
+        latents = latents / self.bundle.vae_scaling_factor + self.bundle.vae_shift_factor
+        pixels = self.vae_decoder(**{self._latent_name: latents})[0]
+        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+        return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
+
+    # --- a whole job -------------------------------------------------------------------------
+    def generate(self, job: Job, on_step: Callable[[Step], None] | None = None,
+                 cancel: threading.Event | None = None) -> Result:
+        """Run a job whose seed is already resolved (see :func:`edge.jobs.resolve_seed`)."""
+        if job.seed < 0:
+            raise ValidationError("seed", "must be resolved before generation (see jobs.resolve_seed)")
+        width, height = self.resolve_size(job)
+        scheduler = schedulers.from_config(self.bundle.scheduler_config, job.scheduler)
+        timings: dict[str, float | list[float]] = {"steps": []}
+        t0 = time.perf_counter()
+        use_cfg = job.guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
+        prompt = self.tokenizer.encode(job.prompt)
+        negative = self.tokenizer.encode(job.negative_prompt) if use_cfg else None
+        t1 = time.perf_counter()
+        cond = self.encode(prompt.ids)
+        uncond = self.encode(negative.ids) if negative else None
+        timings["tokenize"], timings["encode"] = t1 - t0, time.perf_counter() - t1
+        dropped, neg_dropped = prompt.dropped, negative.dropped if negative else 0
+        if dropped or neg_dropped:
+            log.warning("prompt too long: %d prompt and %d negative prompt tokens dropped (limit %d)",
+                        dropped, neg_dropped, self.tokenizer.max_length)
+        shape = (1, self.latent_channels, height // self.bundle.vae_scale, width // self.bundle.vae_scale)
+        images = []
+        for k in range(job.count):
+            seed = job.seed + k
+            rng = make_rng(seed)
+            latents = gaussian(rng, shape)
+            scheduler.set_timesteps(job.steps)
+
+            def report(step: int, seconds: float, k: int = k) -> None:
+                timings["steps"].append(seconds)
+                if on_step is not None:
+                    on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds))
+
+            latents = self._denoise(latents, cond, uncond, job, scheduler, rng, report, cancel)
+            t1 = time.perf_counter()
+            images.append(GeneratedImage(seed, self.decode(latents)))
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
+        timings["total"] = time.perf_counter() - t0
+        return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
+                      sampler=schedulers.sampler_label(scheduler),
+                      tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings)

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+
+from edge.errors import ValidationError
+from edge.jobs import Defaults, Limits, decode_payload, parse_job, resolve_seed
+
+SCHEDULERS = ("euler", "ddim")
+
+
+def field_of(data, **kw):
+    with pytest.raises(ValidationError) as info:
+        parse_job(data, **kw)
+    return info.value
+
+
+def test_defaults_fill_missing_fields():
+    job = parse_job({"prompt": "knolling of a red gear"}, defaults=Defaults(steps=7, guidance=3.0))
+    assert (job.steps, job.guidance, job.seed, job.count, job.negative_prompt) == (7, 3.0, -1, 1, "")
+
+
+@pytest.mark.parametrize("data, field, words", [
+    ({}, "prompt", "required"),
+    ({"prompt": "   "}, "prompt", "empty"),
+    ({"prompt": 3}, "prompt", "string"),
+    ({"prompt": "x" * 1001}, "prompt", "limit is 1000"),
+    ({"prompt": "a", "steps": -1}, "steps", "between 1 and 150"),
+    ({"prompt": "a", "steps": 0}, "steps", "between 1 and 150"),
+    ({"prompt": "a", "steps": "20"}, "steps", "integer"),
+    ({"prompt": "a", "steps": True}, "steps", "integer"),
+    ({"prompt": "a", "steps": 2.5}, "steps", "integer"),
+    ({"prompt": "a", "guidance": 31}, "guidance", "between 0 and 30"),
+    ({"prompt": "a", "guidance": -0.5}, "guidance", "between 0 and 30"),
+    ({"prompt": "a", "guidance": float("nan")}, "guidance", "between"),
+    ({"prompt": "a", "seed": -2}, "seed", "between -1"),
+    ({"prompt": "a", "count": 9}, "count", "between 1 and 8"),
+    ({"prompt": "a", "width": 4}, "width", "between 8 and 2048"),
+    ({"prompt": "a", "height": 4096}, "height", "between 8 and 2048"),
+    ({"prompt": "a", "scheduler": "pndm"}, "scheduler", "choose one of euler, ddim"),
+    ({"prompt": "a", "id": "../etc"}, "id", "letters, digits"),
+    ({"prompt": "a", "step": 5}, "step", "not a job field"),
+    ({"prompt": "a", "priority": 11}, "priority", "between -10 and 10"),
+])
+def test_bad_fields_are_named(data, field, words):
+    err = field_of(data, known_schedulers=SCHEDULERS)
+    assert err.field == field
+    assert words in str(err)
+    assert str(err).startswith(field + ":")
+
+
+def test_limits_come_from_config():
+    limits = Limits(max_steps=10)
+    assert field_of({"prompt": "a", "steps": 11}, limits=limits).reason == "must be between 1 and 10, got 11"
+
+
+def test_integral_float_accepted_as_int():
+    assert parse_job({"prompt": "a", "steps": 4.0}).steps == 4
+
+
+@pytest.mark.parametrize("payload, words", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe\x00garbage", "not UTF-8"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"x" * 20000, "limit is 16384"),
+])
+def test_bad_payloads(payload, words):
+    with pytest.raises(ValidationError) as info:
+        decode_payload(payload, Limits())
+    assert info.value.field == "payload" and words in str(info.value)
+
+
+def test_payload_round_trip():
+    data = decode_payload(json.dumps({"prompt": "exploded view", "seed": 5}).encode(), Limits())
+    assert parse_job(data).seed == 5
+
+
+def test_resolve_seed():
+    assert resolve_seed(parse_job({"prompt": "a", "seed": 42})).seed == 42
+    seeds = {resolve_seed(parse_job({"prompt": "a"})).seed for _ in range(5)}
+    assert all(0 <= s < 2**32 for s in seeds) and len(seeds) > 1

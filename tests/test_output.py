@@ -1,0 +1,62 @@
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge.errors import OutputError
+from edge.jobs import parse_job
+from edge.output import ImageMeta, atomic_write, parse_parameters, save_image
+
+
+def meta(**job):
+    j = parse_job({"prompt": "knolling of 2 red gears, pure white", "seed": 7, **job})
+    return ImageMeta(job=j, seed=7, width=32, height=24, sampler="Euler a", model="tiny", extra={"t": 1})
+
+
+def test_png_has_parameters_srgb_dpi_and_sidecar(tmp_path):
+    img = Image.fromarray(np.arange(32 * 24 * 3, dtype=np.uint8).reshape(24, 32, 3))
+    path = save_image(img, meta(negative_prompt="blurry, shadow", steps=4, guidance=7.5),
+                      tmp_path, "job1")
+    assert path.parent.parent == tmp_path and path.name.endswith("_job1_7.png")
+    back = Image.open(path)
+    assert back.info["parameters"] == ("knolling of 2 red gears, pure white\nNegative prompt: blurry, shadow\n"
+                                       "Steps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 7, Size: 32x24, Model: tiny")
+    assert parse_parameters(back.info["parameters"])["Seed"] == "7"
+    assert back.info.get("srgb") == 0
+    assert tuple(round(d) for d in back.info["dpi"]) == (300, 300)
+    assert np.array_equal(np.asarray(back), np.asarray(img))
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["request"]["prompt"].startswith("knolling") and side["seed"] == 7 and side["t"] == 1
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_no_negative_line_when_empty_and_unicode_prompt(tmp_path):
+    img = Image.new("RGB", (8, 8), "white")
+    path = save_image(img, meta(prompt="Zahnräder ⚙️ 齿轮"), tmp_path, "j")
+    text = Image.open(path).info["parameters"]
+    assert text.splitlines()[0] == "Zahnräder ⚙️ 齿轮" and "Negative prompt" not in text
+
+
+def test_atomic_write_replaces_whole(tmp_path):
+    target = tmp_path / "a" / "f.bin"
+    atomic_write(target, b"old")
+    atomic_write(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert os.listdir(target.parent) == ["f.bin"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    real_fdopen = os.fdopen
+
+    def full(fd, *a, **kw):  # writes to a real device that always answers ENOSPC
+        os.dup2(os.open("/dev/full", os.O_WRONLY), fd)
+        return real_fdopen(fd, *a, **kw)
+
+    monkeypatch.setattr(os, "fdopen", full)
+    with pytest.raises(OutputError, match="no space left"):
+        atomic_write(tmp_path / "x.png", b"x" * 100000)
+    assert list(tmp_path.iterdir()) == []
