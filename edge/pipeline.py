@@ -86,7 +86,7 @@ class OnnxModel:
         return [d if isinstance(d, int) else None for d in self.inputs[name].shape]
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
-        feeds = {k: np.ascontiguousarray(v, dtype=self.dtype(k)) for k, v in feeds.items()}
+        feeds = {k: np.asarray(v, dtype=self.dtype(k), order="C") for k, v in feeds.items()}  # keeps 0-d scalars 0-d
         out = self.session.run([self.output], feeds)[0]
         return out.astype(np.float32, copy=False)
 

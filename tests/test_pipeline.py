@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import threading
 
 import numpy as np
@@ -9,6 +10,8 @@ from edge.errors import BundleError, CancelledError, ValidationError
 from edge.jobs import parse_job
 from edge.pipeline import Pipeline, gaussian, make_rng
 from edge.providers import RuntimeOptions
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def job(**kw):
@@ -118,3 +121,13 @@ def test_vae_scaling_factor_read_from_config(bundle_copy, pipeline):
     cfg.write_text(json.dumps(data))
     other = Pipeline(load_bundle(bundle_copy), RuntimeOptions(threads=1))
     assert not np.array_equal(pixels(other.generate(job(steps=1))), pixels(pipeline.generate(job(steps=1))))
+
+
+def test_matches_diffusers_reference(pipeline):
+    """tools/check_optimum_bundle.py ran diffusers' StableDiffusionPipeline on the same weights and
+    initial latents; our tokenizer, scheduler, CFG and VAE scaling must reproduce its image."""
+    ref = np.load(FIXTURES / "pipeline_reference.npz")
+    fields = {k: ref[k].item() for k in ("prompt", "negative_prompt", "steps", "guidance", "seed", "scheduler")}
+    ours = pixels(pipeline.generate(parse_job(fields)))
+    diff = np.abs(ours.astype(int) - ref["image"].astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.01

@@ -51,7 +51,7 @@ def build_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
     tokenizer = CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"),
-                              pad_token="<|endoftext|>")
+                              pad_token="<|endoftext|>", model_max_length=TOKENS)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)

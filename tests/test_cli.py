@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge.output import parse_parameters
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_generate_prints_paths_embeds_seed_and_reproduces(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        proc = cli("generate", "knolling of 2 red gears", "--steps", "3", "--seed", "1234", "--count", "2",
+                   "--out", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+        paths = [Path(p) for p in proc.stdout.split()]
+        assert len(paths) == 2 and all(p.is_file() for p in paths)
+        assert "seed 1234" in proc.stderr and "step 3/3" in proc.stderr
+        runs.append(paths)
+    for i, path in enumerate(runs[0]):
+        params = parse_parameters(Image.open(path).info["parameters"])
+        assert params["Seed"] == str(1234 + i) and params["Steps"] == "3" and params["Size"] == "128x128"
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(runs[1][i])))
+        assert json.loads(path.with_suffix(".json").read_text())["seed"] == 1234 + i
+
+
+def test_random_seed_is_reported(tmp_path):
+    proc = cli("generate", "a lens", "--steps", "1", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    seed = Image.open(proc.stdout.strip()).info["parameters"].split("Seed: ")[1].split(",")[0]
+    assert f"seed {seed}," in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["", "--steps", "2"], "error: prompt: must not be empty"),
+    (["x", "--steps", "-1"], "error: steps: must be between 1 and 150, got -1"),
+    (["x", "--guidance", "99"], "error: guidance: must be between 0 and 30, got 99"),
+    (["x", "--width", "256"], "error: width: this model was exported with a fixed size of 128x128; got 256"),
+    (["x", "--scheduler", "pndm"], "error: scheduler: 'pndm' is not supported; choose one of euler"),
+    (["x", "--model", "/nonexistent"], "error: /nonexistent: not a folder; expected a model bundle"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    proc = cli("generate", *args, "--out", str(tmp_path))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("runtime:\n  threads: many\n")
+    proc = cli("generate", "x", "--config", str(config))
+    assert proc.returncode == 2 and "runtime.threads: must be int" in proc.stderr
+
+
+def test_doctor_reports_runtime_and_model():
+    proc = cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert "CPUExecutionProvider" in info["providers_in_build"]
+    assert info["model"]["name"] == "tiny-sd" and info["physical_cores"] >= 1
+    assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder"}
