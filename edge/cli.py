@@ -108,7 +108,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"warning: {name} is longer than {pipeline.tokenizer.max_length} tokens; "
                   f"{n} tokens were dropped", file=sys.stderr)
     job_id = job.id or uuid.uuid4().hex[:12]
-    paths = save_result(result, Path(config.output.dir), job_id, model=pipeline.bundle.name,
+    paths = save_result(result, Path(config.output.dir).expanduser().resolve(), job_id, model=pipeline.bundle.name,
                         provider=pipeline.provider, precision=pipeline.precision, sidecar=config.output.sidecar)
     steps = result.timings["steps"]
     print(f"seed {job.seed}, {len(steps)} steps, {result.timings['total']:.2f} s", file=sys.stderr)

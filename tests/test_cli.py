@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import sys
@@ -7,12 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge.cli import ProgressBar
 from edge.output import parse_parameters
+from edge.pipeline import Step
 
 
-def cli(*args, cwd=None):
+def cli(*args):
+    # cwd "/" so that `-m` imports the installed package, not the source tree
     return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+                          timeout=120, cwd="/")
 
 
 def test_generate_prints_paths_embeds_seed_and_reproduces(tmp_path):
@@ -69,3 +73,19 @@ def test_doctor_reports_runtime_and_model():
     assert "CPUExecutionProvider" in info["providers_in_build"]
     assert info["model"]["name"] == "tiny-sd" and info["physical_cores"] >= 1
     assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder"}
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_terminal_and_plain_lines_elsewhere():
+    tty, plain = FakeTerminal(), io.StringIO()
+    for stream in (tty, plain):
+        bar = ProgressBar(stream)
+        for step in (1, 2):
+            bar(Step(image=0, count=1, step=step, steps=2, seconds=0.5))
+    assert tty.getvalue().startswith("\r[" + "#" * 15 + "." * 15 + "] image 1/1 step 1/2")
+    assert tty.getvalue().endswith("step 2/2 (0.50 s/step)\n") and tty.getvalue().count("\n") == 1
+    assert plain.getvalue().splitlines() == ["image 1/1 step 1/2 (0.50 s/step)", "image 1/1 step 2/2 (0.50 s/step)"]
