@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from . import __version__
 from .bundle import load_bundle
 from .config import Config, load_config
-from .errors import ConfigError, EdgeError
+from .errors import EdgeError
+from .memory import MB, choose_plan, read_budget
 from .jobs import parse_job, resolve_seed
 from .output import save_result
 from .pipeline import Pipeline, Step
@@ -50,8 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--id", help="job id used in file names (default: random)")
     _add_common(gen)
 
-    doc = sub.add_parser("doctor", help="show the runtime, CPU, memory and model bundle")
+    doc = sub.add_parser("doctor", help="show the runtime, CPU, memory, precision tier and model bundle")
     _add_common(doc)
+
+    quant = sub.add_parser("quantize", help="write FP16 and INT8 variants of a bundle's components")
+    quant.add_argument("model_dir", type=Path)
+    quant.add_argument("--steps", type=int, default=8, help="denoising steps of the calibration runs")
+    quant.add_argument("--min-psnr", type=float, default=20.0,
+                       help="reject a variant whose images fall below this PSNR (dB) against FP32")
+
+    prof = sub.add_parser("profile", help="measure each variant on this machine; writes variants.json")
+    prof.add_argument("model_dir", type=Path)
+    prof.add_argument("--config", type=Path, help="YAML config (its runtime section is used)")
+    prof.add_argument("--calls", type=int, default=3)
     return parser
 
 
@@ -88,11 +100,12 @@ class ProgressBar:
 
 
 def load_pipeline(config: Config) -> Pipeline:
-    # Memory tiers (auto, int8-lowmem) are not built yet: auto means the FP32 files.
-    precision = {"auto": "fp32"}.get(config.model.precision, config.model.precision)
-    if precision == "int8-lowmem":
-        raise ConfigError("model.precision: int8-lowmem is not available yet; use auto, fp32, fp16 or int8")
-    return Pipeline(load_bundle(config.model.path), config.runtime, precision)
+    """The configured bundle at the most faithful precision tier that fits the memory budget."""
+    bundle = load_bundle(config.model.path)
+    headroom = config.memory.headroom_mb * MB
+    plan = choose_plan(bundle, read_budget(headroom), config.model.precision)
+    log.info("precision tier %s: %s", plan.tier, plan.reason)
+    return Pipeline(bundle, config.runtime, plan, headroom)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -130,9 +143,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "providers_configured": list(config.runtime.providers),
         "physical_cores": physical_cores(),
         "cpu_flags": _cpu_flags(),
-        "mem_available_bytes": _mem_available(),
-        "model": load_bundle(config.model.path).summary(),
     }
+    bundle = load_bundle(config.model.path)
+    budget = read_budget(config.memory.headroom_mb * MB)
+    info["memory_budget"] = budget.describe()
+    try:
+        plan = choose_plan(bundle, budget, config.model.precision)
+        info["precision"] = {"tier": plan.tier, "components": plan.precisions, "reason": plan.reason}
+    except EdgeError as exc:
+        info["precision"] = {"error": str(exc)}
+    info["model"] = bundle.summary()
     print(json.dumps(info, indent=2))
     return 0
 
@@ -150,22 +170,29 @@ def _cpu_flags() -> list[str]:
     return []
 
 
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_bundle
+    logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO
+    logging.getLogger("edge").setLevel(logging.INFO)
+    manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr)
+    print(json.dumps(manifest["components"], indent=2))
+    return 0
 
 
-COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor}
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .manifest import profile_bundle
+    config = load_config(args.config)
+    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls)
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor, "quantize": cmd_quantize, "profile": cmd_profile}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)

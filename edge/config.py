@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from .bundle import COMPONENTS
 from .errors import ConfigError
 from .jobs import Defaults, Limits
 from .providers import OPT_LEVELS, RuntimeOptions
@@ -31,6 +32,11 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    headroom_mb: int = 256  # kept free for the OS, the front ends and activation spikes
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "outputs"
     sidecar: bool = True
@@ -40,6 +46,7 @@ class OutputConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     defaults: Defaults = field(default_factory=Defaults)
     limits: Limits = field(default_factory=Limits)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -52,7 +59,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "runtime.graph_optimization": tuple(OPT_LEVELS),
     "log_level": LOG_LEVELS,
 }
-NON_NEGATIVE = ("runtime.threads",)
+NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb")
 
 
 def _type_name(tp: Any) -> str:
@@ -76,6 +83,11 @@ def _convert(key: str, value: Any, tp: Any) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of "
                           f"{', '.join(_type_name(o) for o in options)}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping, got {type(value).__name__} {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {_convert(f"{key}", k, key_type): _convert(f"{key}.{k}", v, value_type) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: must be a list, got {type(value).__name__} {value!r}")
@@ -134,6 +146,10 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         config = _build(Config, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    for component in config.runtime.component_providers:
+        if component not in COMPONENTS:
+            raise ConfigError(f"runtime.component_providers.{component}: unknown component; choose one of "
+                              f"{', '.join(COMPONENTS)}")
     if config.limits.min_guidance > config.limits.max_guidance:
         raise ConfigError("limits.min_guidance: must not exceed limits.max_guidance")
     return config

@@ -31,3 +31,7 @@ class CancelledError(EdgeError):
 
 class OutputError(EdgeError):
     """An image could not be written (disk full, permissions, ...)."""
+
+
+class MemoryBudgetError(EdgeError):
+    """The model does not fit in the memory this process may use, at any allowed tier."""

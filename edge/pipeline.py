@@ -15,16 +15,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from . import schedulers
-from .bundle import Bundle
+from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
 from .jobs import Job
+from .memory import Plan, ensure_room_for_job
 from .providers import RuntimeOptions, make_session
 from .tokenizer import ClipTokenizer
 
@@ -64,14 +67,32 @@ class Result:
 
 
 class OnnxModel:
-    """One ONNX Runtime session plus what its inputs expect, read from the session itself."""
+    """One ONNX model plus what its inputs expect, read from the session itself.
 
-    def __init__(self, name: str, session):
-        self.name = name
-        self.session = session
+    Resident models keep their session; the others (the int8-lowmem tier) hold it only inside
+    ``with model.loaded():`` so that one component at a time is in memory.
+    """
+
+    def __init__(self, name: str, path: Path, runtime: RuntimeOptions, resident: bool = True):
+        self.name, self.path, self.runtime = name, path, runtime
+        session = make_session(path, runtime, name)
         self.inputs = {i.name: i for i in session.get_inputs()}
         self.output = session.get_outputs()[0].name
         self.providers = session.get_providers()
+        self._session = session if resident else None
+        self._resident = resident
+        self.record: list[dict[str, np.ndarray]] | None = None  # set to a list to capture inputs (calibration)
+
+    @contextmanager
+    def loaded(self) -> Iterator[None]:
+        if self._resident or self._session is not None:
+            yield
+            return
+        self._session = make_session(self.path, self.runtime, self.name)
+        try:
+            yield
+        finally:
+            self._session = None  # the only reference: ONNX Runtime frees the weights here
 
     def input(self, index: int):
         return list(self.inputs.values())[index]
@@ -86,8 +107,11 @@ class OnnxModel:
         return [d if isinstance(d, int) else None for d in self.inputs[name].shape]
 
     def __call__(self, **feeds: np.ndarray) -> np.ndarray:
+        assert self._session is not None, f"{self.name}: call inside `with model.loaded()`"
         feeds = {k: np.asarray(v, dtype=self.dtype(k), order="C") for k, v in feeds.items()}  # keeps 0-d scalars 0-d
-        out = self.session.run([self.output], feeds)[0]
+        if self.record is not None:
+            self.record.append(feeds)
+        out = self._session.run([self.output], feeds)[0]
         return out.astype(np.float32, copy=False)
 
 
@@ -103,28 +127,32 @@ def gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 class Pipeline:
     """A loaded model, kept resident between jobs. Not thread-safe: one job at a time."""
 
-    def __init__(self, bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), precision: str = "fp32"):
+    def __init__(self, bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), plan: Plan | None = None,
+                 headroom: int | None = None):
+        """``headroom`` (bytes): check before each job that this much memory is still free."""
         self.bundle = bundle
+        self.headroom = headroom
+        self.plan = plan or Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "default")
+        if self.plan.lowmem:  # batching CFG doubles activations; the arena keeps peaks allocated
+            runtime = replace(runtime, cfg_batch=False, memory_arena=False)
         self.runtime = runtime
-        self.precision = precision
         t0 = time.perf_counter()
         self.tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir)
         self.text_encoder, self.unet, self.vae_decoder = (
-            OnnxModel(name, make_session(self._variant(name), runtime))
-            for name in ("text_encoder", "unet", "vae_decoder"))
+            OnnxModel(name, bundle.components[name].variants[self.plan.precisions[name]], runtime,
+                      resident=not self.plan.lowmem)
+            for name in COMPONENTS)
         self.load_seconds = time.perf_counter() - t0
         self._ids_name = self.text_encoder.input(0).name
         self._sample, self._timestep, self._context = (self.unet.input(i).name for i in range(3))
         self._latent_name = self.vae_decoder.input(0).name
         self.latent_channels = self.unet.shape(self._sample)[1] or 4
-        log.info("loaded %s in %.2f s on %s", bundle.root, self.load_seconds, self.provider)
+        log.info("loaded %s in %.2f s on %s, tier %s (%s)", bundle.root, self.load_seconds, self.provider,
+                 self.plan.tier, ", ".join(f"{c} {p}" for c, p in self.plan.precisions.items()))
 
-    def _variant(self, component: str):
-        """The file of the requested precision, or FP32 where the bundle has no such variant."""
-        variants = self.bundle.components[component].variants
-        if self.precision not in variants:
-            log.info("%s has no %s variant; using fp32", component, self.precision)
-        return variants.get(self.precision, variants["fp32"])
+    @property
+    def precision(self) -> str:
+        return self.plan.tier
 
     @property
     def provider(self) -> str:
@@ -207,6 +235,8 @@ class Pipeline:
         if job.seed < 0:
             raise ValidationError("seed", "must be resolved before generation (see jobs.resolve_seed)")
         width, height = self.resolve_size(job)
+        if self.headroom is not None:
+            ensure_room_for_job(self.plan, self.headroom)
         scheduler = schedulers.from_config(self.bundle.scheduler_config, job.scheduler)
         timings: dict[str, float | list[float]] = {"steps": []}
         t0 = time.perf_counter()
@@ -214,30 +244,34 @@ class Pipeline:
         prompt = self.tokenizer.encode(job.prompt)
         negative = self.tokenizer.encode(job.negative_prompt) if use_cfg else None
         t1 = time.perf_counter()
-        cond = self.encode(prompt.ids)
-        uncond = self.encode(negative.ids) if negative else None
+        with self.text_encoder.loaded():
+            cond = self.encode(prompt.ids)
+            uncond = self.encode(negative.ids) if negative else None
         timings["tokenize"], timings["encode"] = t1 - t0, time.perf_counter() - t1
         dropped, neg_dropped = prompt.dropped, negative.dropped if negative else 0
         if dropped or neg_dropped:
             log.warning("prompt too long: %d prompt and %d negative prompt tokens dropped (limit %d)",
                         dropped, neg_dropped, self.tokenizer.max_length)
         shape = (1, self.latent_channels, height // self.bundle.vae_scale, width // self.bundle.vae_scale)
-        images = []
-        for k in range(job.count):
-            seed = job.seed + k
-            rng = make_rng(seed)
-            latents = gaussian(rng, shape)
-            scheduler.set_timesteps(job.steps)
 
-            def report(step: int, seconds: float, k: int = k) -> None:
+        def reporter(k: int) -> Callable[[int, float], None]:
+            def report(step: int, seconds: float) -> None:
                 timings["steps"].append(seconds)
                 if on_step is not None:
                     on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds))
+            return report
 
-            latents = self._denoise(latents, cond, uncond, job, scheduler, rng, report, cancel)
-            t1 = time.perf_counter()
-            images.append(GeneratedImage(seed, self.decode(latents)))
-            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
+        finals = []
+        with self.unet.loaded():
+            for k in range(job.count):
+                rng = make_rng(job.seed + k)
+                scheduler.set_timesteps(job.steps)
+                finals.append(self._denoise(gaussian(rng, shape), cond, uncond, job, scheduler, rng,
+                                            reporter(k), cancel))
+        t2 = time.perf_counter()
+        with self.vae_decoder.loaded():
+            images = [GeneratedImage(job.seed + k, self.decode(latents)) for k, latents in enumerate(finals)]
+        timings["decode"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
                       sampler=schedulers.sampler_label(scheduler),

@@ -1,11 +1,20 @@
-"""ONNX Runtime sessions: which execution providers to use and how to configure them."""
+"""ONNX Runtime sessions: which execution providers to use and how to configure them.
+
+``runtime.providers`` is an ordered preference (``xnnpack``, ``dnnl``, ``cpu`` or full ONNX Runtime
+names), overridable per component. Providers missing from the installed build are skipped with a
+logged reason; the CPU provider always ends the list. The PyPI wheels carry only the CPU provider
+(on ARM64 it uses Arm-optimised kernels); XNNPACK and DNNL need ONNX Runtime built from source
+(``./build.sh --use_xnnpack`` / ``--use_dnnl --build_wheel``; see the README).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
@@ -18,6 +27,8 @@ ALIASES = {
     "xnnpack": "XnnpackExecutionProvider",
     "dnnl": "DnnlExecutionProvider",
 }
+CPU = "CPUExecutionProvider"
+XNNPACK = "XnnpackExecutionProvider"
 OPT_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -32,7 +43,10 @@ class RuntimeOptions:
 
     threads: int = 0  # 0: the number of physical cores
     providers: tuple[str, ...] = ("cpu",)
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> its options
+    component_providers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. unet -> (xnnpack, cpu)
     graph_optimization: str = "extended"
+    optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
     cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
     memory_arena: bool = True
 
@@ -42,8 +56,7 @@ def physical_cores() -> int:
     try:
         cores = set()
         for block in Path("/proc/cpuinfo").read_text().split("\n\n"):
-            info = dict(line.split(":", 1) for line in block.splitlines() if ":" in line)
-            info = {k.strip(): v.strip() for k, v in info.items()}
+            info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in block.splitlines())}
             if "core id" in info:
                 cores.add((info.get("physical id", "0"), info["core id"]))
         if cores:
@@ -53,33 +66,81 @@ def physical_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def resolve_providers(wanted: tuple[str, ...]) -> list[str]:
+def resolve_providers(wanted: tuple[str, ...], available: list[str] | None = None) -> list[str]:
     """Map config names to ONNX Runtime names, keeping only those this build has, in order."""
-    available = ort.get_available_providers()
+    available = ort.get_available_providers() if available is None else available
     chosen = []
     for name in wanted:
         full = ALIASES.get(name, name)
         if full in available:
             chosen.append(full)
         else:
-            log.warning("execution provider %s is not in this onnxruntime build (has: %s); skipping it",
-                        full, ", ".join(available))
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")  # always the last fallback
+            log.warning("execution provider %s is not in this onnxruntime build (it has %s); falling back to the "
+                        "next one configured", full, ", ".join(available))
+    if CPU not in chosen:
+        chosen.append(CPU)  # always the last fallback
     return chosen
 
 
-def make_session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
+def _options_for(provider: str, options: RuntimeOptions, threads: int) -> dict[str, Any]:
+    configured = {**options.provider_options.get(provider, {}),
+                  **{k: v for alias, full in ALIASES.items() if full == provider
+                     for k, v in options.provider_options.get(alias, {}).items()}}
+    if provider == XNNPACK:  # XNNPACK runs its own thread pool: give it the cores
+        return {"intra_op_num_threads": threads, **configured}
+    return configured
+
+
+def session_options(options: RuntimeOptions, providers: list[str]) -> ort.SessionOptions:
     if options.graph_optimization not in OPT_LEVELS:
         raise ConfigError(f"runtime.graph_optimization: {options.graph_optimization!r} is not one of "
                           f"{', '.join(OPT_LEVELS)}")
     so = ort.SessionOptions()
-    so.intra_op_num_threads = options.threads or physical_cores()
+    threads = options.threads or physical_cores()
+    if XNNPACK in providers:
+        # XNNPACK's docs: ORT's own pool to 1 thread, not spinning, so the two pools don't fight.
+        so.intra_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:
+        so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
     so.enable_cpu_mem_arena = options.memory_arena
     so.log_severity_level = 3  # ORT's warnings about unused initializers are noise to an operator
+    return so
+
+
+def _cache_path(path: Path, options: RuntimeOptions) -> Path:
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{options.graph_optimization}"
+    return Path(options.optimized_cache) / f"{path.parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
+
+
+def _load(source: Path, so: ort.SessionOptions, providers: list[str], options: RuntimeOptions,
+          shown_as: Path) -> ort.InferenceSession:
+    threads = options.threads or physical_cores()
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=resolve_providers(options.providers))
+        return ort.InferenceSession(str(source), sess_options=so,
+                                    providers=[(p, _options_for(p, options, threads)) for p in providers])
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise BundleError(f"{path}: ONNX Runtime could not load it: {exc}") from None
+        raise BundleError(f"{shown_as}: ONNX Runtime could not load it: {exc}") from None
+
+
+def make_session(path: Path, options: RuntimeOptions, component: str | None = None) -> ort.InferenceSession:
+    providers = resolve_providers(options.component_providers.get(component or "", options.providers))
+    so = session_options(options, providers)
+    if not options.optimized_cache or providers != [CPU]:  # compiling providers can't save their graphs
+        return _load(path, so, providers, options, path)
+    cached = _cache_path(path, options)
+    if cached.is_file():
+        fast = session_options(options, providers)
+        fast.graph_optimization_level = OPT_LEVELS["disabled"]  # already optimized on an earlier start
+        try:
+            return _load(cached, fast, providers, options, cached)
+        except BundleError as exc:  # a cache cut short by a power cut: rebuild it
+            log.warning("%s; rebuilding it", exc)
+            cached.unlink()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    so.optimized_model_filepath = str(cached)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", cached.name + ".data")
+    return _load(path, so, providers, options, path)

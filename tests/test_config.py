@@ -34,6 +34,9 @@ def write(tmp_path, text):
     ("runtime:\n  providers: cpu\n", "runtime.providers: must be a list"),
     ("limits:\n  max_steps: 1.5\n", "limits.max_steps: must be int"),
     ("limits: [1]\n", "limits: must be a mapping"),
+    ("runtime:\n  component_providers: {vae: [cpu]}\n", "runtime.component_providers.vae: unknown component"),
+    ("runtime:\n  provider_options: [1]\n", "runtime.provider_options: must be a mapping"),
+    ("memory:\n  headroom_mb: -5\n", "memory.headroom_mb: must be 0 or more"),
     ("model: {path: [1}\n", "not valid YAML"),
     ("limits:\n  min_guidance: 5\n  max_guidance: 2\n", "must not exceed"),
 ])

@@ -57,25 +57,28 @@ def build_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def export_optimum(pipeline_dir: Path, onnx_dir: Path) -> None:
+def export_optimum(pipeline_dir: Path, onnx_dir: Path, validate: bool = True) -> None:
     from optimum.exporters.onnx import main_export
-    main_export(str(pipeline_dir), str(onnx_dir), task="text-to-image", do_validation=True,
+    main_export(str(pipeline_dir), str(onnx_dir), task="text-to-image", do_validation=validate,
                 local_files_only=True)
 
 
 def fix_shapes(model_path: Path, dims: dict[str, int]) -> None:
-    """Make named dynamic dimensions static, in place (batch stays dynamic)."""
+    """Make named dynamic dimensions static, in place (batch stays dynamic).
+
+    External weights (model.onnx_data) are left where they are: only the graph file is rewritten.
+    """
     import onnx
-    model = onnx.load(str(model_path))
+    model = onnx.load(str(model_path), load_external_data=False)
     for value in list(model.graph.input) + list(model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in dims:
                 dim.dim_value = dims[dim.dim_param]  # setting the value clears the oneof's dim_param
-    onnx.checker.check_model(model)
     onnx.save(model, str(model_path))
+    onnx.checker.check_model(str(model_path))
 
 
-def copy_bundle(onnx_dir: Path, dest: Path) -> None:
+def copy_bundle(onnx_dir: Path, dest: Path, resolution: int = RESOLUTION) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -83,12 +86,12 @@ def copy_bundle(onnx_dir: Path, dest: Path) -> None:
         shutil.copy(onnx_dir / name, dest / name)
     for sub in ("scheduler", "tokenizer", "text_encoder", "unet", "vae_decoder"):
         shutil.copytree(onnx_dir / sub, dest / sub)
-    latent = RESOLUTION // 8
+    latent = resolution // 8
     fix_shapes(dest / "text_encoder" / "model.onnx", {"sequence_length": TOKENS})
     fix_shapes(dest / "unet" / "model.onnx", {"height": latent, "width": latent, "sequence_length": TOKENS})
     fix_shapes(dest / "vae_decoder" / "model.onnx", {"latent_height": latent, "latent_width": latent,
-                                                     "latent_height * 8": RESOLUTION,
-                                                     "latent_width * 8": RESOLUTION})
+                                                     "latent_height * 8": resolution,
+                                                     "latent_width * 8": resolution})
     for config in dest.rglob("*.json"):  # drop the temp paths the exporter recorded
         data = json.loads(config.read_text())
         if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:

@@ -1,0 +1,148 @@
+"""``variants.json``: what each component variant of a bundle costs and how faithful it is.
+
+Written by ``edge-imagegen quantize`` (how each variant was made, or why it was rejected) and by
+``edge-imagegen profile`` on the device itself (file bytes, peak RSS, load time, per-call latency,
+fidelity). :mod:`edge.memory` reads the peak RSS figures to choose a precision tier.
+
+Peak RSS is measured in a fresh process per variant: the resident set after loading and running
+the session, minus what the process held before loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import COMPONENTS, Bundle
+from .jobs import parse_job
+from .memory import Plan
+from .output import atomic_write
+from .pipeline import Pipeline
+from .providers import RuntimeOptions, make_session
+
+FIDELITY_JOBS = (
+    ("knolling of 2 red gears and a blue battery on a pure white background", 11),
+    ("exploded view of a green circuit board and four screws", 12),
+    ("flat lay of a yellow spring and a purple lens", 13),
+)
+
+
+def manifest_path(root: Path) -> Path:
+    return Path(root) / "variants.json"
+
+
+def update_manifest(root: Path, change: Callable[[dict], None]) -> dict:
+    """Read variants.json (or start one), apply ``change`` to it, write it back atomically."""
+    path = manifest_path(root)
+    manifest: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    manifest["version"] = 1
+    change(manifest)
+    atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+    return manifest
+
+
+def plan_with(precisions: dict[str, str]) -> Plan:
+    full = {c: precisions.get(c, "fp32") for c in COMPONENTS}
+    return Plan("custom", full, 0, False, False, "fidelity check")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR in dB of two uint8 images; None when they are identical."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return None if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+class Fidelity:
+    """Final images of fixed prompts and seeds, compared with the all-FP32 pipeline's."""
+
+    def __init__(self, bundle: Bundle, steps: int = 8):
+        self.bundle, self.steps = bundle, steps
+        self.reference = self._images({})
+
+    def _images(self, precisions: dict[str, str]) -> list[np.ndarray]:
+        pipe = Pipeline(self.bundle, RuntimeOptions(), plan_with(precisions))
+        return [np.asarray(pipe.generate(parse_job({"prompt": p, "seed": s, "steps": self.steps})).images[0].image)
+                for p, s in FIDELITY_JOBS]
+
+    def score(self, precisions: dict[str, str]) -> dict[str, Any]:
+        images = self._images(precisions)
+        scores = [psnr(a, b) for a, b in zip(images, self.reference)]
+        finite = [s for s in scores if s is not None]
+        return {
+            "psnr_db": round(min(finite), 2) if finite else None,  # the worst image counts
+            "max_abs_diff": int(max(np.abs(a.astype(int) - b.astype(int)).max()
+                                    for a, b in zip(images, self.reference))),
+        }
+
+
+def _status_bytes(key: str) -> int:
+    """VmRSS / VmHWM of this process. Not getrusage's ru_maxrss: that survives execve, so a
+    spawned child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {key}")
+
+
+def _measure(path: str, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], calls: int) -> dict[str, float]:
+    """Runs in a fresh process: load one session, call it, report memory and time."""
+    before = _status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    session = make_session(Path(path), runtime)
+    load = time.perf_counter() - t0
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    peak = _status_bytes("VmHWM")
+    return {"peak_rss_bytes": peak - before, "load_seconds": round(load, 4),
+            "call_seconds": round(float(np.median(times)), 5)}
+
+
+def measure(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], calls: int = 3) -> dict[str, float]:
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: its peak RSS is this session's alone
+    with ctx.Pool(1) as pool:
+        return pool.apply(_measure, (str(path), runtime, feeds, calls))
+
+
+def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str, np.ndarray]]:
+    """One real input per component, captured from a short FP32 generation at the native size."""
+    pipe = Pipeline(bundle, runtime, plan_with({}))
+    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
+    for model in models.values():
+        model.record = []
+    pipe.generate(parse_job({"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}))
+    return {name: model.record[-1] for name, model in models.items()}
+
+
+def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3) -> dict:
+    """Measure every variant on this machine and record it in variants.json."""
+    feeds = sample_feeds(bundle, runtime)
+    check = Fidelity(bundle)
+    results: dict[str, dict[str, dict]] = {}
+    for comp in COMPONENTS:
+        results[comp] = {}
+        for precision, path in bundle.components[comp].variants.items():
+            entry = {"bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
+                     **measure(path, runtime, feeds[comp], calls)}
+            if precision != "fp32":
+                entry.update(check.score({comp: precision}))
+            results[comp][precision] = entry
+
+    def record(manifest: dict) -> None:
+        manifest["profiled_on"] = {"machine": platform.machine(), "onnxruntime": ort.__version__,
+                                   "threads": runtime.threads, "providers": list(runtime.providers),
+                                   "date": time.strftime("%Y-%m-%d")}
+        for comp, variants in results.items():
+            for precision, entry in variants.items():
+                manifest.setdefault("components", {}).setdefault(comp, {}).setdefault(precision, {}).update(entry)
+
+    return update_manifest(bundle.root, record)

@@ -1,0 +1,168 @@
+"""Memory tiers: how much memory this process may use, and which model variants fit in it.
+
+The budget is the smallest of MemAvailable (/proc/meminfo) and what the service's cgroup v2
+still allows (``memory.max`` and ``memory.high`` minus ``memory.current``), less a configured
+headroom for the OS, the front ends and activation spikes. Swapping a diffusion model to an SD
+card is death by a thousand page faults, so a plan that does not fit is refused, not tried.
+
+Tiers, most faithful first; each picks per component the first variant the bundle has:
+
+    fp32         fp32                      all components resident
+    fp16         fp16, fp32                all resident
+    int8         int8, fp16, fp32          all resident
+    int8-lowmem  int8, fp16, fp32          one component in memory at a time, CFG passes one
+                                           after the other, ONNX Runtime's arena off
+
+A component's footprint is its peak RSS measured by ``edge-imagegen profile`` (variants.json);
+without a measurement it is estimated as twice the file size (weights plus ONNX Runtime's
+pre-packed copies and activations), and the plan says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .bundle import COMPONENTS, Bundle
+from .errors import MemoryBudgetError
+
+log = logging.getLogger(__name__)
+
+TIERS: dict[str, tuple[str, ...]] = {
+    "fp32": ("fp32",),
+    "fp16": ("fp16", "fp32"),
+    "int8": ("int8", "fp16", "fp32"),
+    "int8-lowmem": ("int8", "fp16", "fp32"),
+}
+ESTIMATE_FACTOR = 2
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Budget:
+    mem_available: int
+    cgroup_room: int | None  # what memory.max / memory.high still allow, if limited
+    headroom: int
+
+    @property
+    def bytes(self) -> int:
+        room = self.mem_available if self.cgroup_room is None else min(self.mem_available, self.cgroup_room)
+        return max(0, room - self.headroom)
+
+    def describe(self) -> str:
+        cgroup = "no cgroup limit" if self.cgroup_room is None else f"cgroup allows {self.cgroup_room // MB} MB"
+        return (f"{self.bytes // MB} MB (MemAvailable {self.mem_available // MB} MB, {cgroup}, "
+                f"headroom {self.headroom // MB} MB)")
+
+
+@dataclass(frozen=True)
+class Plan:
+    tier: str
+    precisions: dict[str, str]  # component -> variant
+    footprint: int  # bytes needed at peak
+    lowmem: bool
+    measured: bool  # False: footprints estimated from file sizes
+    reason: str
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return None if text == "max" else int(text)
+
+
+def cgroup_room(proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the process's cgroup v2 still allows (the tightest of memory.max and memory.high
+    along the path to the root), or None without a limit or without cgroup v2."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rel = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+    if rel is None:
+        return None
+    room = None
+    group = cgroup_fs / rel.lstrip("/")
+    while True:
+        current = _read_int(group / "memory.current") or 0
+        for name in ("memory.max", "memory.high"):
+            limit = _read_int(group / name)
+            if limit is not None:
+                room = limit - current if room is None else min(room, limit - current)
+        if group == cgroup_fs or cgroup_fs not in group.parents:
+            break
+        group = group.parent
+    return None if room is None else max(0, room)
+
+
+def mem_available(proc: Path = Path("/proc")) -> int:
+    for line in (proc / "meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise MemoryBudgetError(f"{proc / 'meminfo'}: no MemAvailable line (Linux 3.14 or newer needed)")
+
+
+def read_budget(headroom: int, proc: Path = Path("/proc"), cgroup_fs: Path = Path("/sys/fs/cgroup")) -> Budget:
+    return Budget(mem_available(proc), cgroup_room(proc, cgroup_fs), headroom)
+
+
+def load_manifest(bundle: Bundle) -> dict:
+    path = bundle.root / "variants.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        log.warning("%s: not valid JSON (%s); footprints will be estimated", path, exc)
+        return {}
+
+
+def footprint(bundle: Bundle, manifest: dict, component: str, precision: str) -> tuple[int, bool]:
+    """(bytes, measured) for one component variant."""
+    entry = manifest.get("components", {}).get(component, {}).get(precision, {})
+    if isinstance(entry.get("peak_rss_bytes"), int):
+        return entry["peak_rss_bytes"], True
+    return bundle.components[component].variants[precision].stat().st_size * ESTIMATE_FACTOR, False
+
+
+def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:
+    precisions = {}
+    for comp in COMPONENTS:
+        variants = bundle.components[comp].variants
+        precisions[comp] = next(p for p in TIERS[tier] if p in variants)
+    sizes = [footprint(bundle, manifest, c, p) for c, p in precisions.items()]
+    lowmem = tier == "int8-lowmem"
+    need = max(s for s, _ in sizes) if lowmem else sum(s for s, _ in sizes)
+    return Plan(tier, precisions, need, lowmem, all(m for _, m in sizes), "")
+
+
+def choose_plan(bundle: Bundle, budget: Budget, requested: str = "auto") -> Plan:
+    """The most faithful tier that fits the budget (``auto``), or the requested one if it fits."""
+    manifest = load_manifest(bundle)
+    candidates = list(TIERS) if requested == "auto" else [requested]
+    plans = [tier_plan(bundle, manifest, tier) for tier in candidates]
+    for plan in plans:
+        if plan.footprint <= budget.bytes:
+            how = "measured" if plan.measured else "estimated from file sizes; run `edge-imagegen profile`"
+            reason = (f"{plan.tier} needs {plan.footprint // MB} MB ({how}); budget {budget.describe()}"
+                      + (" (asked for)" if requested != "auto" else ""))
+            return Plan(plan.tier, plan.precisions, plan.footprint, plan.lowmem, plan.measured, reason)
+    smallest = min(plans, key=lambda p: p.footprint)
+    raise MemoryBudgetError(
+        f"model.precision: the {smallest.tier} tier of {bundle.root} needs {smallest.footprint // MB} MB "
+        f"but the memory budget is {budget.describe()}; free memory, raise the service's MemoryMax, lower "
+        f"memory.headroom_mb, or use a smaller model")
+
+
+def ensure_room_for_job(plan: Plan, headroom: int) -> None:
+    """Before a job: resident tiers already hold their weights, so only the headroom must still be
+    free; the lowmem tier loads its largest component again and needs that much on top."""
+    budget = read_budget(headroom)
+    need = plan.footprint if plan.lowmem else 0
+    if budget.bytes < need or budget.bytes == 0:
+        raise MemoryBudgetError(f"not enough free memory to start the job now: the {plan.tier} tier needs "
+                                f"{need // MB} MB beyond the headroom; budget {budget.describe()}")

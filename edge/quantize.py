@@ -1,0 +1,182 @@
+"""``edge-imagegen quantize``: write FP16 and INT8 variants next to each FP32 component.
+
+    <component>/model.fp16.onnx   FP16 weights and activations; ops without a CPU FP16 kernel in
+                                  this onnxruntime stay FP32 (found by loading and running the model)
+    <component>/model.int8.onnx   UNet and VAE decoder: static QDQ quantization (per-channel INT8
+                                  weights, UINT8 activations) calibrated on inputs captured from FP32
+                                  runs of a prompt set; the text encoder: dynamic quantization of
+                                  its MatMuls (its activations are a few hundred tokens, cheap to
+                                  quantize on the fly, and static ranges help little)
+
+Each variant is then checked in the whole pipeline, that component swapped and the others FP32:
+a variant whose images fall below ``min_psnr`` against FP32 is deleted, and ``variants.json``
+says why (VAE decoders often are: their output is the image itself).
+
+Needs the ``onnx`` package (``pip install edge-imagegen[quantize]``); run time does not.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import COMPONENTS, VARIANT_FILES, Bundle, load_bundle
+from .errors import EdgeError
+from .jobs import parse_job
+from .manifest import Fidelity, update_manifest
+from .memory import Plan
+from .pipeline import Pipeline
+from .providers import RuntimeOptions
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_PROMPTS = (
+    "knolling of 2 red gears and a blue battery on a pure white background",
+    "exploded view of a green circuit board, a black chip and four silver screws",
+    "flat lay of a yellow spring, an orange washer and a purple lens, top-down",
+    "parts laid out: a pink bearing, a cyan nut and a grey screw",
+    "exploded view of a camera lens assembly, technical illustration",
+    "knolling photography of a disassembled mechanical keyboard",
+)
+# Below this the composition of the final image visibly changes, not just its fine grain.
+MIN_PSNR = 20.0
+EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB limit, with margin
+_MISSING_KERNEL = re.compile(r"Could not find an implementation for (\w+)\(")
+
+
+class QuantizeError(EdgeError):
+    """A variant could not be produced."""
+
+
+@dataclass
+class Calibration:
+    feeds: dict[str, list[dict[str, np.ndarray]]]
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise QuantizeError("quantize needs the onnx package: pip install 'edge-imagegen[quantize]'") from None
+    return onnx
+
+
+def fp32_plan() -> Plan:
+    return Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "quantize")
+
+
+def capture(bundle: Bundle, steps: int, max_feeds: int) -> Calibration:
+    """Run FP32 generations and keep the inputs each component saw, thinned to ``max_feeds``."""
+    pipe = Pipeline(bundle, RuntimeOptions(), fp32_plan())
+    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
+    for model in models.values():
+        model.record = []
+    for seed, prompt in enumerate(CALIBRATION_PROMPTS):
+        pipe.generate(parse_job({"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}))
+    feeds = {}
+    for name, model in models.items():
+        recorded = model.record or []
+        keep = np.linspace(0, len(recorded) - 1, min(max_feeds, len(recorded))).round().astype(int)
+        feeds[name] = [recorded[i] for i in sorted(set(keep))]
+    return Calibration(feeds)
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over captured feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:  # the reader is used once
+        pass
+
+
+def _big(path: Path) -> bool:
+    return sum(p.stat().st_size for p in path.parent.glob("model.onnx*")) > EXTERNAL_DATA_BYTES
+
+
+def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration) -> str:
+    _onnx()
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                          quantize_static)
+    if component == "text_encoder":
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         use_external_data_format=_big(src))
+        return "dynamic INT8 (MatMul, Gemm)"
+    feeds = calibration.feeds[component]
+    quantize_static(src, dst, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
+                    use_external_data_format=_big(src))
+    return f"static QDQ INT8 (Conv, MatMul, Gemm; per-channel weights; MinMax over {len(feeds)} captured inputs)"
+
+
+def convert_fp16(src: Path, dst: Path, probe: dict[str, np.ndarray]) -> str:
+    """FP16 everywhere ONNX Runtime's CPU provider has a kernel; the rest stays FP32."""
+    onnx = _onnx()
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    blocked: list[str] = []
+    for _ in range(20):
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                         op_block_list=DEFAULT_OP_BLOCK_LIST + blocked)
+        onnx.save(model, str(dst), save_as_external_data=_big(src), location=dst.name + "_data")
+        try:
+            session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+            out = session.run(None, probe)[0]
+        except Exception as exc:  # noqa: BLE001 - ORT's errors are untyped; we parse the op name
+            missing = _MISSING_KERNEL.search(str(exc))
+            if not missing:
+                raise QuantizeError(f"{dst}: FP16 model fails in ONNX Runtime: {exc}") from None
+            blocked.append(missing.group(1))
+            continue
+        if not np.isfinite(out).all():
+            raise QuantizeError(f"{dst}: FP16 model gives non-finite outputs (FP16 overflow)")
+        return "FP16" + (f"; kept in FP32 for lack of a CPU FP16 kernel: {', '.join(blocked)}" if blocked else "")
+    raise QuantizeError(f"{dst}: too many ops without FP16 CPU kernels ({', '.join(blocked)})")
+
+
+def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR) -> dict:
+    """Write the variants and their manifest entries; returns the manifest."""
+    bundle = load_bundle(root)
+    calibration = capture(bundle, steps, max_feeds)
+    notes: dict[str, dict[str, dict]] = {}
+    for comp in COMPONENTS:
+        src = bundle.components[comp].variants["fp32"]
+        probe = calibration.feeds[comp][-1]
+        notes[comp] = {}
+        for precision, make in (("fp16", lambda s, d: convert_fp16(s, d, probe)),
+                                ("int8", lambda s, d: quantize_int8(comp, s, d, calibration))):
+            dst = src.parent / VARIANT_FILES[precision]
+            log.info("%s: writing %s", comp, dst)
+            try:
+                notes[comp][precision] = {"method": make(src, dst)}
+            except QuantizeError as exc:
+                notes[comp][precision] = {"rejected": str(exc)}
+                dst.unlink(missing_ok=True)
+    bundle = load_bundle(root)  # now with the new files
+    check = Fidelity(bundle)
+    for comp, variants in notes.items():
+        for precision, entry in variants.items():
+            if "rejected" in entry:
+                continue
+            score = check.score({comp: precision})
+            entry.update(score)
+            if score["psnr_db"] < min_psnr:
+                entry["rejected"] = (f"images at {score['psnr_db']:.1f} dB PSNR against FP32, below the "
+                                     f"{min_psnr:g} dB floor: kept at higher precision")
+                for f in bundle.components[comp].folder.glob(VARIANT_FILES[precision] + "*"):
+                    f.unlink()
+
+    def record(manifest: dict) -> None:  # replace whole entries: older measurements are of older files
+        for comp, variants in notes.items():
+            manifest.setdefault("components", {}).setdefault(comp, {}).update(variants)
+
+    return update_manifest(root, record)

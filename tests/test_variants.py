@@ -1,0 +1,133 @@
+"""Precision variants of the embedded model through the real pipeline, quantize, profile, providers."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from edge.bundle import load_bundle
+from edge.jobs import parse_job
+from edge.manifest import Fidelity, profile_bundle, psnr
+from edge.memory import TIERS, load_manifest, tier_plan
+from edge.pipeline import Pipeline
+from edge.providers import RuntimeOptions, make_session, resolve_providers
+from edge.quantize import MIN_PSNR
+
+ONE = RuntimeOptions(threads=1)
+JOB = parse_job({"prompt": "knolling of 2 red gears and a blue battery", "steps": 6, "seed": 5})
+FLOOR = {"fp32": None, "fp16": 40.0, "int8": MIN_PSNR, "int8-lowmem": MIN_PSNR}
+
+
+def image(pipe, job=JOB):
+    return np.asarray(pipe.generate(job).images[0].image)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle()
+
+
+@pytest.fixture(scope="module")
+def reference(bundle):
+    return image(Pipeline(bundle, ONE, tier_plan(bundle, {}, "fp32")))
+
+
+def test_embedded_model_ships_every_variant(bundle):
+    for comp in bundle.components.values():
+        assert set(comp.variants) == {"fp32", "fp16", "int8"}, comp.name
+    manifest = load_manifest(bundle)
+    for comp in bundle.components:
+        for precision in ("fp32", "fp16", "int8"):
+            assert manifest["components"][comp][precision]["peak_rss_bytes"] > 0
+
+
+@pytest.mark.parametrize("tier", list(TIERS))
+def test_every_tier_runs_and_stays_faithful(bundle, reference, tier):
+    plan = tier_plan(bundle, load_manifest(bundle), tier)
+    pipe = Pipeline(bundle, ONE, plan)
+    got = image(pipe)
+    assert pipe.precision == tier and got.std() > 1
+    if FLOOR[tier] is None:
+        assert np.array_equal(got, reference)
+    else:
+        assert psnr(got, reference) >= FLOOR[tier], f"{tier}: {psnr(got, reference):.1f} dB"
+
+
+def test_lowmem_holds_no_session_between_stages_and_matches_int8(bundle):
+    lowmem = Pipeline(bundle, ONE, tier_plan(bundle, {}, "int8-lowmem"))
+    assert all(m._session is None for m in (lowmem.text_encoder, lowmem.unet, lowmem.vae_decoder))
+    assert not lowmem.runtime.cfg_batch and not lowmem.runtime.memory_arena
+    loaded = []
+    lowmem.generate(JOB, on_step=lambda s: loaded.append(
+        (lowmem.text_encoder._session is None, lowmem.unet._session is not None)))
+    assert all(te_freed and unet_held for te_freed, unet_held in loaded)  # text encoder freed before denoising
+    assert lowmem.unet._session is None
+    resident = Pipeline(bundle, RuntimeOptions(threads=1, cfg_batch=False), tier_plan(bundle, {}, "int8"))
+    diff = np.abs(image(lowmem).astype(int) - image(resident).astype(int))
+    assert diff.max() <= 1
+
+
+def test_missing_provider_falls_back_to_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolve_providers(("xnnpack", "dnnl", "cpu"), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert "XnnpackExecutionProvider is not in this onnxruntime build" in caplog.text
+    assert "DnnlExecutionProvider is not in this onnxruntime build" in caplog.text
+    assert resolve_providers(("xnnpack",), ["XnnpackExecutionProvider", "CPUExecutionProvider"]) == [
+        "XnnpackExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_configured_missing_provider_still_generates(bundle, reference, caplog):
+    runtime = RuntimeOptions(threads=1, providers=("xnnpack", "cpu"), component_providers={"unet": ("dnnl",)})
+    with caplog.at_level(logging.WARNING):
+        pipe = Pipeline(bundle, runtime, tier_plan(bundle, {}, "fp32"))
+    assert pipe.provider == "CPUExecutionProvider" and "DnnlExecutionProvider" in caplog.text
+    assert np.array_equal(image(pipe), reference)
+
+
+def test_optimized_model_cache_is_written_then_used(bundle, tmp_path, caplog):
+    runtime = RuntimeOptions(threads=1, optimized_cache=str(tmp_path / "cache"))
+    path = bundle.components["unet"].path
+    make_session(path, runtime, "unet")
+    cached = list((tmp_path / "cache").glob("unet-*.onnx"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    make_session(path, runtime, "unet")
+    assert cached[0].stat().st_mtime_ns == mtime  # reused, not rewritten
+    cached[0].write_bytes(b"cut short by a power cut")
+    with caplog.at_level(logging.WARNING):
+        make_session(path, runtime, "unet")
+    assert "rebuilding it" in caplog.text and cached[0].stat().st_size > 1000
+
+
+def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
+    pytest.importorskip("onnx")
+    from edge.quantize import quantize_bundle
+    for f in bundle_copy.glob("*/model.*.onnx"):
+        f.unlink()
+    (bundle_copy / "variants.json").unlink()
+    manifest = quantize_bundle(bundle_copy, steps=3, max_feeds=8)
+    for comp in ("text_encoder", "unet", "vae_decoder"):
+        for precision in ("fp16", "int8"):
+            entry = manifest["components"][comp][precision]
+            assert "method" in entry and "psnr_db" in entry
+            assert (bundle_copy / comp / f"model.{precision}.onnx").is_file() == ("rejected" not in entry)
+    assert manifest["components"]["unet"]["int8"]["method"].startswith("static QDQ INT8")
+    assert manifest["components"]["text_encoder"]["int8"]["method"].startswith("dynamic INT8")
+    strict = quantize_bundle(bundle_copy, steps=3, max_feeds=8, min_psnr=200)
+    assert all("below the 200 dB floor" in strict["components"][c]["int8"]["rejected"] for c in strict["components"])
+    assert not list(bundle_copy.glob("*/model.int8.onnx"))
+
+
+def test_profile_records_measurements(bundle_copy):
+    manifest = profile_bundle(load_bundle(bundle_copy), ONE, calls=1)
+    unet = manifest["components"]["unet"]
+    for precision in ("fp32", "fp16", "int8"):
+        assert unet[precision]["bytes"] > 0 and 0 < unet[precision]["peak_rss_bytes"] < 2**31
+        assert unet[precision]["call_seconds"] > 0 and unet[precision]["load_seconds"] > 0
+    assert unet["int8"]["bytes"] < unet["fp32"]["bytes"]
+    assert json.loads((bundle_copy / "variants.json").read_text())["profiled_on"]["onnxruntime"]
+
+
+def test_fidelity_is_perfect_for_fp32(bundle):
+    assert Fidelity(bundle, steps=2).score({}) == {"psnr_db": None, "max_abs_diff": 0}
