@@ -11,25 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
-import onnxruntime as ort
-
+from benchmarks_common import machine
 from edge.bundle import load_bundle
 from edge.jobs import parse_job
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions, physical_cores
-
-
-def machine() -> str:
-    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-                 platform.processor() or platform.machine())
-    return f"{model}, {physical_cores()} physical cores, {platform.machine()}, onnxruntime {ort.__version__}"
 
 
 def load_time(model: str | None, threads: int) -> float:

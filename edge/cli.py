@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="write FP16 and INT8 variants of a bundle's components")
     quant.add_argument("model_dir", type=Path)
     quant.add_argument("--steps", type=int, default=8, help="denoising steps of the calibration runs")
+    quant.add_argument("--prompts", type=int, default=6, help="calibration prompts to run (at most 6)")
     quant.add_argument("--min-psnr", type=float, default=20.0,
                        help="reject a variant whose images fall below this PSNR (dB) against FP32")
+    quant.add_argument("--fidelity-steps", type=int, default=8, help="denoising steps of the fidelity check")
 
     prof = sub.add_parser("profile", help="measure each variant on this machine; writes variants.json")
     prof.add_argument("model_dir", type=Path)
@@ -174,7 +176,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import quantize_bundle
     logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO
     logging.getLogger("edge").setLevel(logging.INFO)
-    manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr)
+    manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
+                               fidelity_steps=args.fidelity_steps)
     print(json.dumps(manifest["components"], indent=2))
     return 0
 

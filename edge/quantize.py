@@ -69,13 +69,13 @@ def fp32_plan() -> Plan:
     return Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "quantize")
 
 
-def capture(bundle: Bundle, steps: int, max_feeds: int) -> Calibration:
+def capture(bundle: Bundle, steps: int, max_feeds: int, prompts: int) -> Calibration:
     """Run FP32 generations and keep the inputs each component saw, thinned to ``max_feeds``."""
     pipe = Pipeline(bundle, RuntimeOptions(), fp32_plan())
     models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
     for model in models.values():
         model.record = []
-    for seed, prompt in enumerate(CALIBRATION_PROMPTS):
+    for seed, prompt in enumerate(CALIBRATION_PROMPTS[:prompts]):
         pipe.generate(parse_job({"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}))
     feeds = {}
     for name, model in models.items():
@@ -143,10 +143,11 @@ def convert_fp16(src: Path, dst: Path, probe: dict[str, np.ndarray]) -> str:
     raise QuantizeError(f"{dst}: too many ops without FP16 CPU kernels ({', '.join(blocked)})")
 
 
-def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR) -> dict:
+def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
+                    prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8) -> dict:
     """Write the variants and their manifest entries; returns the manifest."""
     bundle = load_bundle(root)
-    calibration = capture(bundle, steps, max_feeds)
+    calibration = capture(bundle, steps, max_feeds, prompts)
     notes: dict[str, dict[str, dict]] = {}
     for comp in COMPONENTS:
         src = bundle.components[comp].variants["fp32"]
@@ -162,7 +163,7 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
                 notes[comp][precision] = {"rejected": str(exc)}
                 dst.unlink(missing_ok=True)
     bundle = load_bundle(root)  # now with the new files
-    check = Fidelity(bundle)
+    check = Fidelity(bundle, fidelity_steps)
     for comp, variants in notes.items():
         for precision, entry in variants.items():
             if "rejected" in entry:
