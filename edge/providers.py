@@ -26,6 +26,7 @@ ALIASES = {
     "cpu": "CPUExecutionProvider",
     "xnnpack": "XnnpackExecutionProvider",
     "dnnl": "DnnlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",  # the onnxruntime-openvino wheel (x86-64)
 }
 CPU = "CPUExecutionProvider"
 XNNPACK = "XnnpackExecutionProvider"

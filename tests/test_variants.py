@@ -131,3 +131,13 @@ def test_profile_records_measurements(bundle_copy):
 
 def test_fidelity_is_perfect_for_fp32(bundle):
     assert Fidelity(bundle, steps=2).score({}) == {"psnr_db": None, "max_abs_diff": 0}
+
+
+@pytest.mark.skipif("OpenVINOExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs the onnxruntime-openvino build: tools/check_provider_build.sh runs this")
+def test_non_cpu_provider_runs_the_pipeline(bundle, reference):
+    """The provider path for real: an installable x86-64 build whose first provider is not the CPU one."""
+    runtime = RuntimeOptions(threads=1, providers=("openvino", "cpu"), provider_options={"openvino": {"device_type": "CPU"}})
+    pipe = Pipeline(bundle, runtime, tier_plan(bundle, {}, "fp32"))
+    assert pipe.provider == "OpenVINOExecutionProvider"
+    assert psnr(image(pipe), reference) > 35
