@@ -114,33 +114,49 @@ def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration
     quantize_static(src, dst, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                    use_external_data_format=_big(src))
+                    use_external_data_format=_big(src),
+                    # Fold each run's activations into the ranges at once instead of keeping every
+                    # intermediate tensor of every calibration run (tens of GB for an SD 1.5 UNet).
+                    extra_options={"CalibMaxIntermediateOutputs": 1})
     return f"static QDQ INT8 (Conv, MatMul, Gemm; per-channel weights; MinMax over {len(feeds)} captured inputs)"
 
 
 def convert_fp16(src: Path, dst: Path, probe: dict[str, np.ndarray]) -> str:
     """FP16 everywhere ONNX Runtime's CPU provider has a kernel; the rest stays FP32."""
     onnx = _onnx()
+    # Shape inference on the file, not in memory: protobuf cannot serialise a model over 2 GB.
+    inferred = src.parent / ".shapes.onnx"
+    onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+    try:
+        blocked: list[str] = []
+        while (missing := _fp16_attempt(inferred, dst, probe, blocked, _big(src))) is not None:
+            if len(blocked) >= 20:
+                raise QuantizeError(f"{dst}: too many ops without FP16 CPU kernels ({', '.join(blocked)})")
+            blocked.append(missing)
+    finally:
+        inferred.unlink(missing_ok=True)
+    return "FP16" + (f"; kept in FP32 for lack of a CPU FP16 kernel: {', '.join(blocked)}" if blocked else "")
+
+
+def _fp16_attempt(inferred: Path, dst: Path, probe: dict[str, np.ndarray], blocked: list[str],
+                  external: bool) -> str | None:
+    """Convert and run once; the op type ONNX Runtime has no FP16 kernel for, or None if it ran."""
+    onnx = _onnx()
     import onnxruntime as ort
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-    blocked: list[str] = []
-    for _ in range(20):
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
-                                         op_block_list=DEFAULT_OP_BLOCK_LIST + blocked)
-        onnx.save(model, str(dst), save_as_external_data=_big(src), location=dst.name + "_data")
-        try:
-            session = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-            out = session.run(None, probe)[0]
-        except Exception as exc:  # noqa: BLE001 - ORT's errors are untyped; we parse the op name
-            missing = _MISSING_KERNEL.search(str(exc))
-            if not missing:
-                raise QuantizeError(f"{dst}: FP16 model fails in ONNX Runtime: {exc}") from None
-            blocked.append(missing.group(1))
-            continue
-        if not np.isfinite(out).all():
-            raise QuantizeError(f"{dst}: FP16 model gives non-finite outputs (FP16 overflow)")
-        return "FP16" + (f"; kept in FP32 for lack of a CPU FP16 kernel: {', '.join(blocked)}" if blocked else "")
-    raise QuantizeError(f"{dst}: too many ops without FP16 CPU kernels ({', '.join(blocked)})")
+    model = convert_float_to_float16(onnx.load(str(inferred)), keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=DEFAULT_OP_BLOCK_LIST + blocked)
+    onnx.save(model, str(dst), save_as_external_data=external, location=dst.name + "_data")
+    try:
+        out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, probe)[0]
+    except Exception as exc:  # noqa: BLE001 - ORT's errors are untyped; we parse the op name
+        missing = _MISSING_KERNEL.search(str(exc))
+        if not missing:
+            raise QuantizeError(f"{dst}: FP16 model fails in ONNX Runtime: {exc}") from None
+        return missing.group(1)
+    if not np.isfinite(out).all():
+        raise QuantizeError(f"{dst}: FP16 model gives non-finite outputs (FP16 overflow)")
+    return None
 
 
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,

@@ -5,6 +5,7 @@ the SD VAE), seeded random weights, 512x512 static shapes, exported with Optimum
 model. About 4 GB, so it is never committed:
 
     /work/devenv/bin/python tools/make_sd15_bundle.py /work/sd15
+    /work/devenv/bin/python tools/make_sd15_bundle.py /work/sd15-chunked --attention-chunk 1024
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from optimum.exporters.onnx import onnx_export_from_model
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_tiny_bundle import copy_bundle, export_optimum  # noqa: E402
+from make_tiny_bundle import copy_bundle  # noqa: E402
 from make_tokenizer_fixtures import write_clip_vocab  # noqa: E402
 
 
@@ -49,15 +51,64 @@ def build_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
                                    requires_safety_checker=False)
 
 
+class ChunkedAttnProcessor:
+    """diffusers' AttnProcessor with the queries taken ``chunk`` tokens at a time.
+
+    At 512x512 the UNet's first self-attention has 4096 tokens: the full score matrix is
+    heads x 4096 x 4096 floats (512 MB per image). Exported with chunks, the ONNX graph computes
+    those scores a slice at a time, and ONNX Runtime's memory planner reuses one slice's buffer
+    for the next. Same numbers, a fraction of the peak memory. The loop is unrolled at export,
+    so the bundle must have static spatial shapes (it does: copy_bundle fixes them).
+    """
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:
+            b, c, h, w = image_shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        pieces = []
+        for start in range(0, query.shape[1], self.chunk):
+            scores = attn.get_attention_scores(query[:, start:start + self.chunk], key, None)
+            pieces.append(torch.bmm(scores, value))
+        hidden_states = attn.batch_to_head_dim(torch.cat(pieces, dim=1))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if image_shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(image_shape)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dest", type=Path)
+    parser.add_argument("--attention-chunk", type=int, default=0,
+                        help="export attention computing this many query tokens at a time (0: all at once)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.dest.parent) as tmp:
         tmp = Path(tmp)
         write_clip_vocab(tmp / "vocab")
-        build_pipeline(tmp / "vocab").save_pretrained(tmp / "pt")
-        export_optimum(tmp / "pt", tmp / "onnx", validate=False)
+        pipe = build_pipeline(tmp / "vocab")
+        if args.attention_chunk:
+            pipe.unet.set_attn_processor(ChunkedAttnProcessor(args.attention_chunk))
+            pipe.vae.set_attn_processor(ChunkedAttnProcessor(args.attention_chunk))
+        # From the loaded pipeline, not from disk: attention processors are not part of a saved config.
+        onnx_export_from_model(pipe, tmp / "onnx", task="text-to-image", do_validation=False)
         copy_bundle(tmp / "onnx", args.dest, resolution=512)
     print(f"wrote {args.dest}")
 
