@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("model_dir", type=Path)
     quant.add_argument("--steps", type=int, default=8, help="denoising steps of the calibration runs")
     quant.add_argument("--prompts", type=int, default=6, help="calibration prompts to run (at most 6)")
+    quant.add_argument("--max-feeds", type=int, default=48,
+                       help="calibration inputs kept per component (calibration holds all their activations)")
     quant.add_argument("--min-psnr", type=float, default=20.0,
                        help="reject a variant whose images fall below this PSNR (dB) against FP32")
     quant.add_argument("--fidelity-steps", type=int, default=8, help="denoising steps of the fidelity check")
@@ -177,7 +179,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO
     logging.getLogger("edge").setLevel(logging.INFO)
     manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
-                               fidelity_steps=args.fidelity_steps)
+                               fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds)
     print(json.dumps(manifest["components"], indent=2))
     return 0
 

@@ -85,11 +85,36 @@ def capture(bundle: Bundle, steps: int, max_feeds: int, prompts: int) -> Calibra
     return Calibration(feeds)
 
 
+def _single_items(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Split batched feeds (the CFG batch of 2) into batch-1 feeds: calibration holds every
+    activation of a run at once, so a smaller batch halves its peak memory."""
+    items = []
+    for feed in feeds:
+        batch = max((v.shape[0] for v in feed.values() if v.ndim), default=1)
+        for i in range(batch):
+            items.append({k: v[i:i + 1] if v.ndim and v.shape[0] == batch else v for k, v in feed.items()})
+    return items
+
+
+def activation_matmuls(path: Path) -> list[str]:
+    """MatMul nodes whose inputs are both activations: attention's QK^T and scores x V.
+
+    They are left in float: their inputs are the largest tensors of the UNet (heads x tokens x
+    tokens), calibrating them would hold all of them at once, and quantizing softmax outputs
+    costs much more accuracy than it saves time.
+    """
+    onnx = _onnx()
+    graph = onnx.load(str(path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+
+
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader protocol over captured feeds."""
 
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self._it = iter(feeds)
+        self._it = iter(_single_items(feeds))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -114,11 +139,9 @@ def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration
     quantize_static(src, dst, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
-                    use_external_data_format=_big(src),
-                    # Fold each run's activations into the ranges at once instead of keeping every
-                    # intermediate tensor of every calibration run (tens of GB for an SD 1.5 UNet).
-                    extra_options={"CalibMaxIntermediateOutputs": 1})
-    return f"static QDQ INT8 (Conv, MatMul, Gemm; per-channel weights; MinMax over {len(feeds)} captured inputs)"
+                    nodes_to_exclude=activation_matmuls(src), use_external_data_format=_big(src))
+    return (f"static QDQ INT8 (Conv, MatMul and Gemm with constant weights; per-channel weights; MinMax over "
+            f"{len(feeds)} captured inputs)")
 
 
 def convert_fp16(src: Path, dst: Path, probe: dict[str, np.ndarray]) -> str:
