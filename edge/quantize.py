@@ -18,6 +18,7 @@ Needs the ``onnx`` package (``pip install edge-imagegen[quantize]``); run time d
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,21 +128,44 @@ def _big(path: Path) -> bool:
     return sum(p.stat().st_size for p in path.parent.glob("model.onnx*")) > EXTERNAL_DATA_BYTES
 
 
-def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration) -> str:
-    _onnx()
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    if component == "text_encoder":
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                         use_external_data_format=_big(src))
-        return "dynamic INT8 (MatMul, Gemm)"
-    feeds = calibration.feeds[component]
+def _dynamic(src: Path, dst: Path, op_types: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                     use_external_data_format=_big(src))
+
+
+def _static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     quantize_static(src, dst, _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], calibrate_method=CalibrationMethod.MinMax,
                     nodes_to_exclude=activation_matmuls(src), use_external_data_format=_big(src))
-    return (f"static QDQ INT8 (Conv, MatMul and Gemm with constant weights; per-channel weights; MinMax over "
-            f"{len(feeds)} captured inputs)")
+
+
+def _in_child(fn, *args) -> bool:
+    """Run ``fn`` in a fresh process; False if it died (the kernel's OOM killer, typically)."""
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=fn, args=args)
+    proc.start()
+    proc.join()
+    return proc.exitcode == 0
+
+
+def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration) -> str:
+    _onnx()
+    if component == "text_encoder":
+        _dynamic(src, dst, ["MatMul", "Gemm"])
+        return "dynamic INT8 (MatMul, Gemm)"
+    feeds = calibration.feeds[component]
+    # In a child process: ONNX Runtime's calibrator needs several copies of the model in memory and
+    # an SD 1.5 UNet at 512x512 can exhaust even 24 GB; then fall back to dynamic quantization.
+    if _in_child(_static, src, dst, feeds):
+        return (f"static QDQ INT8 (Conv, MatMul and Gemm with constant weights; per-channel weights; "
+                f"MinMax over {len(feeds)} captured inputs)")
+    log.warning("%s: static calibration failed (out of memory?); using dynamic INT8 instead", component)
+    _dynamic(src, dst, ["Conv", "MatMul", "Gemm"])
+    return ("dynamic INT8 (Conv, MatMul, Gemm): static calibration ran out of memory on this machine; "
+            "dynamic saves memory but little or no time")
 
 
 def convert_fp16(src: Path, dst: Path, probe: dict[str, np.ndarray]) -> str:
