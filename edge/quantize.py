@@ -193,7 +193,9 @@ def _fp16_attempt(inferred: Path, dst: Path, probe: dict[str, np.ndarray], block
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
     model = convert_float_to_float16(onnx.load(str(inferred)), keep_io_types=True, disable_shape_infer=True,
                                      op_block_list=DEFAULT_OP_BLOCK_LIST + blocked)
-    onnx.save(model, str(dst), save_as_external_data=external, location=dst.name + "_data")
+    data = dst.parent / (dst.name + "_data")
+    data.unlink(missing_ok=True)  # onnx appends to an existing external-data file
+    onnx.save(model, str(dst), save_as_external_data=external, location=data.name)
     try:
         out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, probe)[0]
     except Exception as exc:  # noqa: BLE001 - ORT's errors are untyped; we parse the op name
