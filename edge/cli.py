@@ -1,4 +1,4 @@
-"""The ``edge-imagegen`` command: generate, doctor (serve and submit come with the daemon)."""
+"""The ``edge-imagegen`` command: generate, doctor, quantize, profile, serve (the daemon) and submit."""
 
 from __future__ import annotations
 
@@ -32,21 +32,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    """The job's fields, shared by generate and submit (both validate through edge.jobs.parse_job)."""
+    p.add_argument("prompt")
+    p.add_argument("--negative", dest="negative_prompt", help="negative prompt")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off)")
+    p.add_argument("--seed", type=int, help="-1 or absent: random (the seed used is reported)")
+    p.add_argument("--count", type=int, help="number of images; seeds seed, seed+1, ...")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-imagegen", description="Text-to-image on small ARM64 boards.")
     parser.add_argument("--version", action="version", version=f"edge-imagegen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images for one prompt and print their paths")
-    gen.add_argument("prompt")
-    gen.add_argument("--negative", dest="negative_prompt", help="negative prompt")
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off)")
-    gen.add_argument("--seed", type=int, help="-1 or absent: random (the seed used is printed)")
-    gen.add_argument("--count", type=int, help="number of images; seeds seed, seed+1, ...")
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
+    _add_job_flags(gen)
     gen.add_argument("--out", help="output folder (config output.dir)")
     gen.add_argument("--id", help="job id used in file names (default: random)")
     _add_common(gen)
@@ -63,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--min-psnr", type=float, default=20.0,
                        help="reject a variant whose images fall below this PSNR (dB) against FP32")
     quant.add_argument("--fidelity-steps", type=int, default=8, help="denoising steps of the fidelity check")
+
+    srv = sub.add_parser("serve", help="run the daemon: jobs from MQTT and the local socket (see the README)")
+    srv.add_argument("--out", help="output folder (config output.dir; relative: under the state directory)")
+    _add_common(srv)
+
+    sbm = sub.add_parser("submit", help="send a job to the running daemon over its socket; prints the image paths")
+    _add_job_flags(sbm)
+    sbm.add_argument("--priority", type=int, help="higher runs first (default 0)")
+    sbm.add_argument("--id", help="job id; resubmitting an id returns that job instead of a new one")
+    sbm.add_argument("--socket", type=Path, help="the daemon's socket (default: socket.path, then the usual places)")
+    sbm.add_argument("--no-wait", action="store_true", help="print the queued reply and return at once")
+    sbm.add_argument("--config", type=Path, help="YAML config (its socket section is used)")
+    sbm.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     prof = sub.add_parser("profile", help="measure each variant on this machine; writes variants.json")
     prof.add_argument("model_dir", type=Path)
@@ -192,7 +210,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor, "quantize": cmd_quantize, "profile": cmd_profile}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .daemon import serve
+    return serve(config_from_args(args))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .socket_api import client_socket_path, run_submit
+    config = config_from_args(args)
+    # the fields go to the daemon as given: it validates them (one validator for every front end)
+    job = {name: getattr(args, name) for name in (*JOB_FLAGS, "priority", "id") if getattr(args, name) is not None}
+    return run_submit(args.socket or client_socket_path(config), {"prompt": args.prompt, **job},
+                      wait=not args.no_wait)
+
+
+COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor, "quantize": cmd_quantize, "profile": cmd_profile,
+            "serve": cmd_serve, "submit": cmd_submit}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ dataclass defaults are the built-in defaults, and configs/default.yaml spells th
 
 from __future__ import annotations
 
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -40,6 +41,66 @@ class MemoryConfig:
 class OutputConfig:
     dir: str = "outputs"
     sidecar: bool = True
+    min_free_mb: int = 200  # serve: a job does not start below this much free space
+    max_bytes: int = 0  # serve: prune the oldest images beyond this total; 0: no limit
+    max_age_days: float = 0.0  # serve: prune images older than this; 0: keep
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """``edge-imagegen serve``: the journal, the worker and the service's lifecycle."""
+
+    device_id: str | None = None  # None: the host name
+    state_dir: str | None = None  # None: $STATE_DIRECTORY (systemd), else ~/.local/state/edge-imagegen
+    max_queue: int = 100
+    stop_timeout: float = 20.0
+    max_attempts: int = 3
+    stall_timeout: float = 300.0
+    keep_days: float = 30.0
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    enabled: bool = True
+    path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.socket_api
+    mode: str = "0660"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    enabled: bool = False
+    ca: str | None = None  # None: the system's CA certificates
+    cert: str | None = None
+    key: str | None = None
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = 1883
+    client_id: str | None = None  # None: edge-imagegen-<device id>
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    keepalive: int = 60
+    protocol: str = "mqttv5"
+    qos: int = 1
+    topic_prefix: str | None = None  # None: edge-imagegen/<device id>
+    session_expiry: int = 86400
+    fleet_group: str | None = None
+    fleet_prefix: str | None = None  # None: edge-imagegen/fleet/<fleet_group>
+    progress_interval: float = 0.5
+    reconnect_min_delay: int = 1
+    reconnect_max_delay: int = 60
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    blocked_words: tuple[str, ...] = ()
+    blocked_patterns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +111,10 @@ class Config:
     defaults: Defaults = field(default_factory=Defaults)
     limits: Limits = field(default_factory=Limits)
     output: OutputConfig = field(default_factory=OutputConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    socket: SocketConfig = field(default_factory=SocketConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "info"
 
 
@@ -58,8 +123,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": PRECISIONS,
     "runtime.graph_optimization": tuple(OPT_LEVELS),
     "log_level": LOG_LEVELS,
+    "mqtt.protocol": ("mqttv5", "mqttv311"),
 }
-NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb")
+NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb",
+                "output.min_free_mb", "output.max_bytes", "output.max_age_days",
+                "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
+                "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",
+                "mqtt.progress_interval", "mqtt.reconnect_min_delay", "mqtt.reconnect_max_delay")
 
 
 def _type_name(tp: Any) -> str:
@@ -152,4 +222,38 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
                               f"{', '.join(COMPONENTS)}")
     if config.limits.min_guidance > config.limits.max_guidance:
         raise ConfigError("limits.min_guidance: must not exceed limits.max_guidance")
+    _check_daemon_sections(config)
     return config
+
+
+def _check_daemon_sections(config: Config) -> None:
+    """Checks of the serve sections that the generic type and choice checks cannot express."""
+    if config.mqtt.qos not in (1, 2):  # QoS 0 could lose an accepted job
+        raise ConfigError(f"mqtt.qos: {config.mqtt.qos} is not allowed; choose one of 1, 2")
+    if config.daemon.max_queue < 1:
+        raise ConfigError("daemon.max_queue: must be 1 or more")
+    if config.daemon.max_attempts < 1:
+        raise ConfigError("daemon.max_attempts: must be 1 or more")
+    try:
+        mode = int(config.socket.mode, 8)
+    except ValueError:
+        raise ConfigError(f"socket.mode: {config.socket.mode!r} is not an octal file mode like \"0660\"") from None
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"socket.mode: {config.socket.mode!r} is not a file mode (0000 to 0777)")
+    for i, pattern in enumerate(config.policy.blocked_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"policy.blocked_patterns[{i}]: {pattern!r} is not a valid regular expression "
+                              f"({exc})") from None
+    for name in ("device_id",):
+        value = getattr(config.daemon, name)
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ConfigError(f"daemon.{name}: {value!r} must be 1 to 64 letters, digits, '_', '.' or '-' "
+                              f"(it is part of MQTT topics)")
+    for name in ("topic_prefix", "fleet_prefix", "fleet_group"):
+        value = getattr(config.mqtt, name)
+        if value is not None and (not value or any(c in value for c in "+#\x00") or value.endswith("/")
+                                  or (name == "fleet_group" and "/" in value)):
+            raise ConfigError(f"mqtt.{name}: {value!r} must be a non-empty topic without wildcards "
+                              f"(+, #) or a trailing '/'" + (" and without '/'" if name == "fleet_group" else ""))

@@ -7,6 +7,7 @@ exiftool) read the prompt, seed and settings back.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -67,8 +68,11 @@ def atomic_write(path: Path, data: bytes) -> None:
     Temp file in the same folder (rename is only atomic within a filesystem), fsync the file,
     rename over the target, then fsync the folder so the rename itself is durable.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -77,15 +81,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise OutputError(f"{path.parent}: no space left on the device; free some space or lower "
-                              f"output.max_bytes") from None
-        raise OutputError(f"{path}: could not write ({exc.strerror})") from None
+        raise _write_error(path, exc) from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_error(path: Path, exc: OSError) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(f"disk: no space left on the device for {path.parent}; free some space or lower "
+                           f"output.max_bytes")
+    return OutputError(f"disk: could not write {path} ({exc.strerror})")
 
 
 def png_bytes(image: Image.Image, parameters: str) -> bytes:
@@ -122,9 +130,17 @@ def save_result(result: Result, out_dir: Path, job_id: str, *, model: str, provi
     when = when or datetime.now(timezone.utc)
     extra = {"scheduler": result.scheduler, "timings": result.timings, "tokens_dropped": result.tokens_dropped,
              "precision": precision, "provider": provider, "version": __version__}
-    paths = []
-    for img in result.images:
-        meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
-                         sampler=result.sampler, model=model, extra=extra)
-        paths.append(save_image(img.image, meta, out_dir, job_id, when=when, sidecar=sidecar))
+    paths = [image_path(out_dir, job_id, img.seed, when) for img in result.images]
+    try:
+        for img in result.images:
+            meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
+                             sampler=result.sampler, model=model, extra=extra)
+            save_image(img.image, meta, out_dir, job_id, when=when, sidecar=sidecar)
+    except OutputError:
+        # a partial set would pass for a finished job's output (a replay checks for the files)
+        for p in paths:
+            for f in (p, p.with_suffix(".json")):
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+        raise
     return paths

@@ -1,0 +1,401 @@
+"""The local Unix socket: one JSON object per line each way, and its client (``edge-imagegen submit``).
+
+Requests (``op`` picks the operation; every reply has ``status``: ``ok``, ``queued``,
+``running`` or ``error``, and errors name the ``field``)::
+
+    {"op": "submit", "job": {"prompt": "...", ...}, "watch": true}   -> the job's state; with watch,
+                                                                        then its events (see watch)
+    {"op": "get", "id": "..."}       -> the job's state, request and result
+    {"op": "cancel", "id": "..."}    -> cancels a queued job now, a running one at its next step
+    {"op": "status"}                 -> queue depth, current job, model, precision, provider
+    {"op": "watch", "id": "..."}     -> {"event": "started"|"progress", ...} lines, then one
+                                        {"event": "result", "status": "ok"|"error", ...} line
+
+The request line is the payload that ``limits.max_payload_bytes`` bounds. The socket is
+``socket.path`` (default ``$RUNTIME_DIRECTORY/edge-imagegen.sock``) created with ``socket.mode``
+(0660: the service's user and group), or the one systemd passes on fd 3 (socket activation,
+``LISTEN_FDS``/``LISTEN_PID``); an activated socket belongs to systemd and is never unlinked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import select
+import socket
+import stat
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, TextIO
+
+from .config import Config
+from .errors import EdgeError, ValidationError
+from .jobs import decode_payload
+
+if TYPE_CHECKING:
+    from .daemon import JobEvent, Service
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "edge-imagegen.sock"
+SYSTEMD_SOCKET = Path("/run/edge-imagegen.sock")  # ListenStream= of systemd/edge-imagegen.socket
+SD_LISTEN_FDS_START = 3  # systemd passes activated sockets from fd 3 on
+MAX_CONNECTIONS = 32  # one thread each; a kiosk has a handful of clients
+HARD_LINE_CAP = 1 << 20  # bytes read of one request line at most; the rest is dropped with the connection
+OPS = ("submit", "get", "cancel", "status", "watch")
+
+
+# --- where the socket is --------------------------------------------------------------------------
+def server_socket_path(config: Config) -> Path:
+    """Where ``serve`` creates its socket when systemd did not pass one."""
+    if config.socket.path:
+        return Path(config.socket.path).expanduser()
+    if os.environ.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
+        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / SOCKET_NAME
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / SOCKET_NAME
+    return Path(f"/tmp/edge-imagegen-{os.getuid()}.sock")
+
+
+def client_socket_path(config: Config) -> Path:
+    """The first socket that exists: the configured one, the systemd units' ones, the user's own."""
+    if config.socket.path:
+        return Path(config.socket.path).expanduser()
+    candidates = [SYSTEMD_SOCKET, Path("/run/edge-imagegen") / SOCKET_NAME,
+                  server_socket_path(config)]
+    return next((p for p in candidates if p.exists()), candidates[-1])
+
+
+def activated_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
+    """The listening socket systemd passed (fd 3), or None when not socket-activated."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()) or not env.get("LISTEN_FDS", "").isdigit():
+        return None
+    count = int(env["LISTEN_FDS"])
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):  # not for our children
+        env.pop(name, None)
+    if count < 1:
+        return None
+    if count > 1:
+        log.warning("systemd passed %d sockets; using the first (fd 3)", count)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise EdgeError("the socket systemd passed is not a Unix stream socket; check ListenStream= in "
+                        "edge-imagegen.socket")
+    os.set_inheritable(sock.fileno(), False)
+    return sock
+
+
+def _bind(path: Path, mode: int) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            raise EdgeError(f"{path}: exists and is not a socket; set socket.path to another place")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # left by a daemon that died: nobody listens any more
+        else:
+            raise EdgeError(f"{path}: another daemon is listening there; stop it or set socket.path")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bind creates the file with the umask's mode; narrow it for the bind itself so that the
+    # socket is never reachable by more users than socket.mode allows, even for an instant
+    old = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(64)
+    return sock
+
+
+# --- the server -------------------------------------------------------------------------------------
+class SocketServer:
+    """Accepts connections on one thread, serves each on its own."""
+
+    def __init__(self, config: Config, service: Service | None):
+        self.config = config
+        self.service = service
+        self.limits = config.limits
+        self.sock = activated_socket()
+        self.activated = self.sock is not None
+        if self.sock is None:
+            self.path: Path | None = server_socket_path(config)
+            self.sock = _bind(self.path, int(config.socket.mode, 8))
+            log.info("listening on %s (mode %s)", self.path, config.socket.mode)
+        else:
+            name = self.sock.getsockname()
+            self.path = Path(name) if isinstance(name, str) and name else None
+            log.info("listening on the socket systemd passed (%s)", self.path or "unnamed")
+        self.accepting = True
+        self._wake_r, self._wake_w = os.pipe()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._watchers: dict[str, list[queue.Queue]] = {}
+        self._thread: threading.Thread | None = None
+
+    def attach(self, service: Service) -> None:
+        self.service = service
+        service.add_listener(self._on_event)
+
+    def start(self) -> None:
+        if self.service is None:
+            raise RuntimeError("attach a service first")
+        self._thread = threading.Thread(target=self._accept_loop, name="socket-accept", daemon=True)
+        self._thread.start()
+
+    def stop_accepting(self) -> None:
+        """No new connections; open ones get "stopping" for submissions (the service refuses them)."""
+        self.accepting = False
+        os.write(self._wake_w, b"x")
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def close(self) -> None:
+        self.stop_accepting()
+        with self._lock:
+            for conn in list(self._connections):
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        # the listening socket: ours is closed and unlinked; systemd's stays open in systemd and
+        # must keep its file, or the next activation would find nothing to connect to
+        self.sock.close()
+        if not self.activated and self.path is not None:
+            self.path.unlink(missing_ok=True)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _accept_loop(self) -> None:
+        # select() with a wake-up pipe rather than closing or shutting down the listening socket:
+        # shutdown() would also break systemd's copy of an activated socket
+        while self.accepting:
+            readable, _, _ = select.select([self.sock, self._wake_r], [], [])
+            if self._wake_r in readable or not self.accepting:
+                break
+            try:
+                conn, _ = self.sock.accept()
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                continue
+            with self._lock:
+                if len(self._connections) >= MAX_CONNECTIONS:
+                    _send(conn, {"status": "error", "error": f"busy: {MAX_CONNECTIONS} clients are connected; "
+                                 f"try again later"})
+                    conn.close()
+                    continue
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="socket-client", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            reader = conn.makefile("rb")
+            while True:
+                line, overflow = _read_line(reader, self.limits.max_payload_bytes)
+                if line is None:
+                    break
+                if not line.strip():
+                    continue
+                if not self._handle(conn, line) or overflow:
+                    break  # the rest of an overlong line cannot be told from the next request
+        except OSError:
+            pass  # the client went away
+        except Exception:
+            log.exception("socket client handler failed")
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _handle(self, conn: socket.socket, line: bytes) -> bool:
+        """Answer one request line; False ends the connection."""
+        assert self.service is not None
+        try:
+            request = decode_payload(line, self.limits)
+        except ValidationError as exc:
+            return _send(conn, {"status": "error", "id": None, "error": str(exc), "field": exc.field})
+        op = request.get("op")
+        if op not in OPS:
+            return _send(conn, {"status": "error", "id": None, "field": "op",
+                                "error": f"op: must be one of {', '.join(OPS)}, got {op!r}"})
+        if op == "status":
+            return _send(conn, {"status": "ok", **self.service.status()})
+        if op == "get":
+            return _send(conn, self.service.get(request.get("id")))
+        if op == "cancel":
+            return _send(conn, self.service.cancel(request.get("id")))
+        if op == "watch":
+            return self._watch(conn, request.get("id"))
+        job = request.get("job")
+        if not isinstance(job, dict):
+            return _send(conn, {"status": "error", "id": None, "field": "job",
+                                "error": f"job: must be a JSON object with the job's fields, got {type(job).__name__}"})
+        answer = self.service.submit_data(job, "socket")
+        if not _send(conn, answer.body):
+            return False
+        if request.get("watch") and answer.accepted and answer.record is not None:
+            return self._watch(conn, answer.record.id)
+        return True
+
+    def _watch(self, conn: socket.socket, job_id: Any) -> bool:
+        assert self.service is not None
+        events: queue.Queue = queue.Queue()
+        key = str(job_id)
+        with self._lock:  # register before looking, so that no event falls between the two
+            self._watchers.setdefault(key, []).append(events)
+        try:
+            state = self.service.get(job_id)
+            if state["status"] in ("ok", "error"):  # finished (or unknown): nothing to wait for
+                return _send(conn, {"event": "result", **state})
+            while True:
+                message = events.get()
+                if not _send(conn, message):
+                    return False
+                if message["event"] == "result":
+                    return True
+        finally:
+            with self._lock:
+                self._watchers[key].remove(events)
+                if not self._watchers[key]:
+                    del self._watchers[key]
+
+    def _on_event(self, event: JobEvent) -> None:
+        from .daemon import progress_body, result_body
+        with self._lock:
+            watchers = list(self._watchers.get(event.record.id, ()))
+        if not watchers:
+            return
+        if event.kind == "progress" and event.step is not None:
+            message = {"event": "progress", **progress_body(event.record, event.step)}
+        elif event.kind == "started":
+            message = {"event": "started", "id": event.record.id, "state": "running"}
+        elif event.kind == "finished":
+            message = {"event": "result", **result_body(event.record)}
+        else:
+            return
+        for events in watchers:
+            events.put(message)
+
+
+def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
+    """One line (without the newline); (None, False) at end of stream.
+
+    A line longer than ``limit`` is read on up to HARD_LINE_CAP so that decode_payload can name
+    its size; past that the connection is dropped (overflow True).
+    """
+    line = reader.readline(limit + 2)
+    if not line:
+        return None, False
+    if line.endswith(b"\n") or len(line) < limit + 2:
+        return line.rstrip(b"\r\n"), False
+    rest = reader.readline(HARD_LINE_CAP - len(line))
+    line += rest
+    overflow = not line.endswith(b"\n")
+    return line.rstrip(b"\r\n"), overflow
+
+
+def _send(conn: socket.socket, message: dict[str, Any]) -> bool:
+    try:
+        conn.sendall(json.dumps(message).encode() + b"\n")
+        return True
+    except OSError:
+        return False
+
+
+# --- the client -----------------------------------------------------------------------------------
+class SocketClient:
+    """Talks to ``serve`` over its socket (used by ``edge-imagegen submit`` and the tests)."""
+
+    def __init__(self, path: Path | str, timeout: float | None = None):
+        self.path = Path(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(self.path))
+        except OSError as exc:
+            self.sock.close()
+            raise EdgeError(f"cannot connect to {self.path} ({exc.strerror or exc}); is `edge-imagegen serve` "
+                            f"running? (--socket or socket.path picks another socket)") from None
+        self._reader = self.sock.makefile("rb")
+
+    def __enter__(self) -> SocketClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._reader.close()
+        self.sock.close()
+
+    def send(self, request: dict[str, Any] | bytes) -> None:
+        data = request if isinstance(request, bytes) else json.dumps(request).encode() + b"\n"
+        self.sock.sendall(data)
+
+    def receive(self) -> dict[str, Any]:
+        line = self._reader.readline()
+        if not line:
+            raise EdgeError("the daemon closed the connection")
+        return json.loads(line)
+
+    def request(self, request: dict[str, Any] | bytes) -> dict[str, Any]:
+        self.send(request)
+        return self.receive()
+
+    def request_stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """A ``watch`` request's messages, up to and including the result."""
+        self.send(request)
+        while True:
+            message = self.receive()
+            yield message
+            if message.get("event") in (None, "result"):
+                return
+
+    def submit_and_watch(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The submit reply, then the job's events up to and including its result."""
+        first = self.request({"op": "submit", "job": job, "watch": True})
+        yield first
+        if first["status"] in ("queued", "running"):
+            while True:
+                message = self.receive()
+                yield message
+                if message.get("event") == "result":
+                    return
+
+
+def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
+    """``edge-imagegen submit``: print the image paths (stdout) or the error; progress on stderr."""
+    from .cli import ProgressBar
+    from .pipeline import Step
+
+    bar = ProgressBar(err)
+    with SocketClient(path) as client:
+        if not wait:
+            reply = client.request({"op": "submit", "job": job})
+            print(json.dumps(reply), file=out)
+            return 0 if reply["status"] != "error" else 2
+        for message in client.submit_and_watch(job):
+            event = message.get("event")
+            if event is None and message["status"] in ("queued", "running"):
+                where = f" (position {message['position']})" if message.get("position") else ""
+                print(f"job {message['id']} queued{where}, seed {message['seed']}", file=err)
+            elif event == "progress":
+                bar(Step(message["image"] - 1, message["count"], message["step"], message["steps"],
+                         message.get("seconds", 0.0)))
+            elif event == "result" or event is None:
+                if message["status"] != "ok":
+                    print(f"error: {message['error']}", file=err)
+                    return 2
+                for p in message["paths"]:
+                    print(p, file=out)
+                return 0
+    return 2

@@ -1,0 +1,220 @@
+"""The Unix socket front end and its client, against the real pipeline on the embedded model."""
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from daemon_harness import Daemon, daemons, images_by_job, short_dir  # noqa: F401 (fixture)
+from edge.config import load_config
+from edge.daemon import PipelineRunner, Service
+from edge.errors import EdgeError
+from edge.jobs import Journal
+from edge.socket_api import SocketClient, SocketServer
+
+
+class Served:
+    """A Service and its SocketServer in this process (the worker starts when asked)."""
+
+    def __init__(self, tmp_path, pipeline, **overrides):
+        self.sock_dir = short_dir()
+        self.path = self.sock_dir / "s.sock"
+        config = load_config(None, {"socket.path": str(self.path), "daemon.state_dir": str(tmp_path / "state"),
+                                    "mqtt.enabled": False, "output.min_free_mb": 0, **overrides})
+        self.journal = Journal(tmp_path / "state" / "jobs.sqlite3", config.daemon.max_queue)
+        self.service = Service(config, PipelineRunner(pipeline), self.journal, tmp_path / "state" / "outputs")
+        self.server = SocketServer(config, None)
+        self.server.attach(self.service)
+        self.server.start()
+        self.worker_started = False
+
+    def start_worker(self):
+        self.service.start()
+        self.worker_started = True
+
+    def client(self):
+        return SocketClient(self.path, timeout=60)
+
+    def close(self):
+        self.server.stop_accepting()
+        self.service.stop(10)
+        self.server.close()
+        self.journal.close()
+        self.sock_dir.rmdir() if self.sock_dir.exists() and not any(self.sock_dir.iterdir()) else None
+
+
+@pytest.fixture
+def served(tmp_path, pipeline):
+    made = []
+
+    def make(start=True, **overrides):
+        s = Served(tmp_path, pipeline, **overrides)
+        if start:
+            s.start_worker()
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_submit_watch_get_status(served):
+    s = served()
+    with s.client() as c:
+        messages = list(c.submit_and_watch({"id": "sock-1", "prompt": "knolling of a red gear", "steps": 4,
+                                            "seed": 7, "count": 2}))
+        assert messages[0]["status"] == "queued" and messages[0]["id"] == "sock-1" and messages[0]["seed"] == 7
+        progress = [m for m in messages if m.get("event") == "progress"]
+        assert [(m["image"], m["step"]) for m in progress] == [(i, k) for i in (1, 2) for k in (1, 2, 3, 4)]
+        result = messages[-1]
+        assert result["event"] == "result" and result["status"] == "ok" and result["seeds"] == [7, 8]
+        for path in result["paths"]:
+            assert Image.open(path).size == (128, 128)
+            assert "_sock-1_" in Path(path).name
+        got = c.request({"op": "get", "id": "sock-1"})
+        assert got["status"] == "ok" and got["state"] == "done" and got["paths"] == result["paths"]
+        assert got["job"]["job"]["prompt"] == "knolling of a red gear"
+        status = c.request({"op": "status"})
+        assert status["status"] == "ok" and status["state"] == "idle" and status["queue"] == 0
+        assert status["model"] == "tiny-sd" and status["precision"] == "fp32" and "provider" in status
+
+
+def test_resubmitting_an_id_never_runs_it_twice(served):
+    s = served()
+    with s.client() as c:
+        first = list(c.submit_and_watch({"id": "dup", "prompt": "a lens", "steps": 2}))[-1]
+        again = c.request({"op": "submit", "job": {"id": "dup", "prompt": "something else", "steps": 9}})
+        assert again["status"] == "ok" and again["paths"] == first["paths"]
+    assert len(images_by_job(sorted(s.service.out_dir.glob("*/*.png")))["dup"]) == 1
+
+
+BAD = [
+    (b"{not json", "payload", "is not valid JSON"),
+    (b"\xff\xfe\x00garbage\x01", "payload", "is not UTF-8"),
+    (b"[1, 2]", "payload", "must be a JSON object"),
+    (b'{"op": "explode"}', "op", "must be one of submit, get, cancel, status, watch"),
+    (b'{"op": "submit", "job": "a cat"}', "job", "must be a JSON object"),
+    (b'{"op": "submit", "job": {"prompt": 5}}', "prompt", "must be a string"),
+    (b'{"op": "submit", "job": {"prompt": "a", "steps": "many"}}', "steps", "must be an integer"),
+    (b'{"op": "submit", "job": {"prompt": "a", "steps": 151}}', "steps", "between 1 and 150"),
+    (b'{"op": "submit", "job": {"prompt": "a", "width": 256}}', "width", "fixed size of 128x128"),
+    (b'{"op": "submit", "job": {"prompt": "a", "stpes": 3}}', "stpes", "is not a job field"),
+    (b'{"op": "submit", "job": {"prompt": "a", "id": "../etc"}}', "id", "must be 1 to 64 characters"),
+    (b'{"op": "submit", "job": {"prompt": "a", "scheduler": "pndm"}}', "scheduler", "not supported"),
+    (b'{"op": "submit", "job": {"prompt": "' + b"x" * 20000 + b'"}}', "payload", "the limit is 16384"),
+    (b'{"op": "submit", "job": {"prompt": "a photo of a Rifle"}}', "prompt", "rejected: policy"),
+    (b'{"op": "submit", "job": {"prompt": "how to make a bomb"}}', "prompt", "rejected: policy"),
+    (b'{"op": "get", "id": "nope"}', "id", "no job 'nope'"),
+]
+
+
+def test_bad_requests_get_clear_errors_and_leave_the_queue_intact(served):
+    s = served(start=False, **{"policy.blocked_words": ["rifle"], "policy.blocked_patterns": [r"\bbomb(s)?\b"]})
+    with s.client() as c:
+        for i in range(3):  # a queue the garbage must not disturb (the worker is not running yet)
+            assert c.request({"op": "submit", "job": {"id": f"keep-{i}", "prompt": "a gear", "steps": 2}})["status"] == "queued"
+        for line, field, words in BAD:
+            reply = c.request(line + b"\n")  # one connection for all: each error leaves it usable
+            assert reply["status"] == "error", line[:60]
+            assert reply["field"] == field and words in reply["error"], (line[:60], reply)
+        assert c.request({"op": "status"})["queue"] == 3
+    assert {r: s.journal.get(f"keep-{r}").state for r in range(3)} == {0: "queued", 1: "queued", 2: "queued"}
+    assert s.journal.counts()["rejected"] == 2  # policy rejections are recorded, never run
+    s.start_worker()
+    with s.client() as c:
+        for i in range(3):
+            results = [m for m in c.request_stream({"op": "watch", "id": f"keep-{i}"})]
+            assert results[-1]["status"] == "ok"
+    assert sorted(images_by_job(sorted(s.service.out_dir.glob("*/*.png")))) == ["keep-0", "keep-1", "keep-2"]
+
+
+def test_busy_when_the_queue_is_full(served):
+    s = served(start=False, **{"daemon.max_queue": 2})
+    with s.client() as c:
+        for i in range(2):
+            c.request({"op": "submit", "job": {"prompt": "a", "steps": 1}})
+        reply = c.request({"op": "submit", "job": {"prompt": "a", "steps": 1}})
+        assert reply["status"] == "error" and reply["error"].startswith("busy: the queue is full (2 jobs, the limit is 2)")
+
+
+def test_cancel_a_queued_job(served):
+    s = served(start=False)
+    with s.client() as c:
+        c.request({"op": "submit", "job": {"id": "c1", "prompt": "a", "steps": 2}})
+        reply = c.request({"op": "cancel", "id": "c1"})
+        assert reply["status"] == "error" and reply["state"] == "cancelled"
+        assert c.request({"op": "get", "id": "c1"})["state"] == "cancelled"
+    s.start_worker()
+    with s.client() as c:
+        assert list(c.request_stream({"op": "watch", "id": "c1"}))[-1]["state"] == "cancelled"
+    assert not list(s.service.out_dir.glob("*/*.png"))
+
+
+def test_socket_mode_and_stale_socket(tmp_path, pipeline, served):
+    s = served(start=False)
+    assert stat.S_IMODE(os.stat(s.path).st_mode) == 0o660
+    # a second daemon on a live socket refuses to start
+    with pytest.raises(EdgeError, match="another daemon is listening"):
+        Served(tmp_path / "b", pipeline, **{"socket.path": str(s.path)})
+    # a socket file left by a dead daemon is replaced
+    stale_dir = short_dir()
+    stale = stale_dir / "s.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(stale))
+    dead.close()
+    t = Served(tmp_path / "c", pipeline, **{"socket.path": str(stale)})
+    with SocketClient(stale, timeout=10) as c:
+        assert c.request({"op": "status"})["status"] == "ok"
+    t.close()
+    assert not stale.exists()  # our own socket is removed at exit
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def test_submit_command_prints_paths_and_errors(served):
+    s = served()
+    proc = cli("submit", "exploded view of a blue battery", "--steps", "3", "--seed", "5", "--id", "cli-1",
+               "--socket", str(s.path))
+    assert proc.returncode == 0, proc.stderr
+    paths = proc.stdout.split()
+    assert len(paths) == 1 and Path(paths[0]).is_file() and "_cli-1_5.png" in paths[0]
+    assert "job cli-1 queued" in proc.stderr and "step 3/3" in proc.stderr  # plain lines: not a TTY
+    proc = cli("submit", "x", "--steps", "0", "--socket", str(s.path))
+    assert proc.returncode == 2 and "error: steps: must be between 1 and 150, got 0" in proc.stderr
+    proc = cli("submit", "x", "--socket", str(s.sock_dir / "nothing.sock"))
+    assert proc.returncode == 2 and "is `edge-imagegen serve` running?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_socket_activation_uses_fd_3_and_never_unlinks(tmp_path, daemons):
+    folder = short_dir()
+    path = folder / "activated.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    fd = listener.fileno()
+    d = daemons("act", config={"socket": {"path": str(folder / "unused.sock")}})
+    # as systemd does: the socket on fd 3, LISTEN_PID = the daemon's own pid (the wrapper execs it)
+    wrapper = [sys.executable, "-c", "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+               "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(sys.argv[2], sys.argv[2:])",
+               str(fd)]
+    d.start(pass_fds=(fd,), argv_prefix=wrapper)
+    assert not (folder / "unused.sock").exists()
+    with SocketClient(path, timeout=60) as c:
+        result = list(c.submit_and_watch({"prompt": "a gear", "steps": 2}))[-1]
+        assert result["status"] == "ok" and Path(result["paths"][0]).is_file()
+    assert d.terminate() == 0
+    assert path.exists() and stat.S_ISSOCK(path.lstat().st_mode)  # systemd's socket is left alone
+    with SocketClient(path, timeout=5):  # and still listening (our copy of the fd keeps it)
+        pass
+    listener.close()
