@@ -55,7 +55,7 @@ def main() -> None:
                 sys.exit(f"{tier} failed:\n{out.stderr}")
             results[tier].append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"machine: {machine()}")
-    print(f"model: {args.model or 'embedded tiny-sd'}, {args.steps} steps, {args.runs} runs per tier, medians\n")
+    print(f"model: {args.model or 'embedded knolling-tiny'}, {args.steps} steps, {args.runs} runs per tier, medians\n")
     print("| tier | load s | UNet step s | step vs fp32 | end-to-end s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- |")
     med = {t: {k: statistics.median(r[k] for r in rs) for k in ("load", "step", "total", "rss")}

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-EMBEDDED_MODEL = Path(__file__).parent / "models" / "tiny-sd"
+EMBEDDED_MODEL = Path(__file__).parent / "models" / "knolling-tiny"
 
 
 def read_json(path: Path, expected: str, required: bool = True) -> dict[str, Any]:

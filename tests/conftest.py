@@ -14,6 +14,16 @@ def pipeline() -> Pipeline:
     return Pipeline(load_bundle(), RuntimeOptions(threads=1))
 
 
+# The random-weight SD bundle the model started with: the reference for the diffusers comparison
+# (tools/check_optimum_bundle.py rebuilds its weights from seeds) and a CLIP-vocabulary bundle.
+TINY_SD = Path(__file__).parent / "fixtures" / "tiny-sd"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pipeline() -> Pipeline:
+    return Pipeline(load_bundle(TINY_SD), RuntimeOptions(threads=1))
+
+
 @pytest.fixture
 def bundle_copy(tmp_path) -> Path:
     """A writable copy of the embedded bundle, to break or change."""

@@ -71,7 +71,7 @@ def test_doctor_reports_runtime_and_model():
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert "CPUExecutionProvider" in info["providers_in_build"]
-    assert info["model"]["name"] == "tiny-sd" and info["physical_cores"] >= 1
+    assert info["model"]["name"] == "knolling-tiny" and info["physical_cores"] >= 1
     assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder"}
 
 

@@ -60,7 +60,7 @@ def test_mosquitto_clients_submit_and_get_the_result_and_png(broker, daemons):
     result = json.loads(body)
     assert result["status"] == "ok" and result["id"] == "mq-1" and result["seeds"] == [11]
     assert set(result["timings"]) >= {"wait", "generate", "save", "total"}
-    assert result["model"] == "tiny-sd" and result["precision"] == "fp32"
+    assert result["model"] == "knolling-tiny" and result["precision"] == "fp32"
     png = d.out_dir / result["paths"][0]
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the retained availability and state, as a newcomer sees them

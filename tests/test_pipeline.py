@@ -116,18 +116,21 @@ def test_malformed_json_and_onnx_named(bundle_copy):
 def test_vae_scaling_factor_read_from_config(bundle_copy, pipeline):
     cfg = bundle_copy / "vae_decoder" / "config.json"
     data = json.loads(cfg.read_text())
-    assert load_bundle(bundle_copy).vae_scaling_factor == pytest.approx(0.18215)
-    data["scaling_factor"] = 0.5
+    assert load_bundle(bundle_copy).vae_scaling_factor == pytest.approx(data["scaling_factor"])
+    data["scaling_factor"] = data["scaling_factor"] * 2
     cfg.write_text(json.dumps(data))
     other = Pipeline(load_bundle(bundle_copy), RuntimeOptions(threads=1))
     assert not np.array_equal(pixels(other.generate(job(steps=1))), pixels(pipeline.generate(job(steps=1))))
+    del data["scaling_factor"]
+    cfg.write_text(json.dumps(data))
+    assert load_bundle(bundle_copy).vae_scaling_factor == pytest.approx(0.18215)  # SD 1.x's, when absent
 
 
-def test_matches_diffusers_reference(pipeline):
+def test_matches_diffusers_reference(tiny_sd_pipeline):
     """tools/check_optimum_bundle.py ran diffusers' StableDiffusionPipeline on the same weights and
     initial latents; our tokenizer, scheduler, CFG and VAE scaling must reproduce its image."""
     ref = np.load(FIXTURES / "pipeline_reference.npz")
     fields = {k: ref[k].item() for k in ("prompt", "negative_prompt", "steps", "guidance", "seed", "scheduler")}
-    ours = pixels(pipeline.generate(parse_job(fields)))
+    ours = pixels(tiny_sd_pipeline.generate(parse_job(fields)))
     diff = np.abs(ours.astype(int) - ref["image"].astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.01

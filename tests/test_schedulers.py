@@ -30,7 +30,7 @@ META = json.loads((FIXTURES / "cases.json").read_text(encoding="utf-8"))
 CASES = META["cases"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
-SD15_EULER = json.loads((Path(schedulers.__file__).parent.parent / "models" / "tiny-sd" / "scheduler"
+SD15_EULER = json.loads((Path(__file__).parent / "fixtures" / "tiny-sd" / "scheduler"
                          / "scheduler_config.json").read_text(encoding="utf-8"))
 SD2_DDIM_V = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
               "beta_schedule": "scaled_linear", "clip_sample": False, "num_train_timesteps": 1000,

@@ -83,7 +83,7 @@ def test_submit_watch_get_status(served):
         assert got["job"]["job"]["prompt"] == "knolling of a red gear"
         status = c.request({"op": "status"})
         assert status["status"] == "ok" and status["state"] == "idle" and status["queue"] == 0
-        assert status["model"] == "tiny-sd" and status["precision"] == "fp32" and "provider" in status
+        assert status["model"] == "knolling-tiny" and status["precision"] == "fp32" and "provider" in status
 
 
 def test_resubmitting_an_id_never_runs_it_twice(served):

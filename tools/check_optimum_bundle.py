@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from edge.bundle import EMBEDDED_MODEL, load_bundle  # noqa: E402
+from edge.bundle import load_bundle  # noqa: E402
 from edge.jobs import parse_job  # noqa: E402
 from edge.pipeline import Pipeline, gaussian, make_rng  # noqa: E402
 from edge.providers import RuntimeOptions  # noqa: E402
@@ -33,6 +33,7 @@ from make_tiny_bundle import build_pipeline, export_optimum  # noqa: E402
 REFERENCE_JOB = {"prompt": "knolling of 2 red gears and a blue battery on white", "negative_prompt": "shadow",
                  "steps": 8, "guidance": 7.5, "seed": 7, "scheduler": "euler"}
 FIXTURE = ROOT / "tests" / "fixtures" / "pipeline_reference.npz"
+TINY_SD = ROOT / "tests" / "fixtures" / "tiny-sd"  # the random-weight bundle of make_tiny_bundle.py
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -41,7 +42,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def check_optimum_export(tmp: Path) -> None:
-    build_pipeline(EMBEDDED_MODEL / "tokenizer").save_pretrained(tmp / "pt")
+    build_pipeline(TINY_SD / "tokenizer").save_pretrained(tmp / "pt")
     export_optimum(tmp / "pt", tmp / "onnx")
     pipe = Pipeline(load_bundle(tmp / "onnx"), RuntimeOptions())
     for width, height in ((128, 128), (192, 128)):
@@ -55,8 +56,8 @@ def check_optimum_export(tmp: Path) -> None:
 
 def check_against_diffusers() -> None:
     job = parse_job(REFERENCE_JOB)
-    ours = np.asarray(Pipeline(load_bundle(), RuntimeOptions()).generate(job).images[0].image)
-    reference_pipe = build_pipeline(EMBEDDED_MODEL / "tokenizer")  # same seeded weights as the bundle
+    ours = np.asarray(Pipeline(load_bundle(TINY_SD), RuntimeOptions()).generate(job).images[0].image)
+    reference_pipe = build_pipeline(TINY_SD / "tokenizer")  # same seeded weights as the bundle
     latents = torch.from_numpy(gaussian(make_rng(job.seed), (1, 4, 16, 16)))
     out = reference_pipe(job.prompt, negative_prompt=job.negative_prompt, num_inference_steps=job.steps,
                          guidance_scale=job.guidance, latents=latents, output_type="np").images[0]

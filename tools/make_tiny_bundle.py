@@ -6,7 +6,7 @@ the diffusers layout, exported with Optimum's ONNX exporter (the same path users
 ``optimum-cli export onnx --task text-to-image``), and copied into the package with the
 spatial and token dimensions made static, as the product recommends for edge boards.
 
-    /work/devenv/bin/python tools/make_tiny_bundle.py edge/models/tiny-sd
+    /work/devenv/bin/python tools/make_tiny_bundle.py tests/fixtures/tiny-sd
 
 The exported (dynamic-shape) Optimum folder is kept with ``--keep-export DIR``; the test suite
 and ``tools/check_optimum_bundle.py`` load that layout unchanged.
