@@ -34,6 +34,11 @@ MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sb
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (./test.sh installs it)")
 
 
+# Deadlines are for a hung test, not a slow machine: under qemu emulation (tests/arm64/run.sh) a
+# denoising step takes a couple of hundred times longer, so that runner scales every deadline.
+TIMEOUT_SCALE = float(os.environ.get("EDGE_TEST_TIMEOUT_SCALE", "1"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,6 +47,7 @@ def free_port() -> int:
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
     """Poll a cheap predicate (a port, a file) until it holds; for things that have no event to wait on."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -147,6 +153,7 @@ class Listener:
 
     def wait_for(self, predicate: Callable[[mqtt.MQTTMessage], bool], timeout: float = 30.0,
                  what: str = "a message") -> mqtt.MQTTMessage:
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -161,6 +168,7 @@ class Listener:
 
     def wait_count(self, predicate: Callable[[mqtt.MQTTMessage], bool], n: int, timeout: float = 60.0,
                    what: str = "messages") -> list[mqtt.MQTTMessage]:
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -253,6 +261,7 @@ class Daemon:
 
     def wait_note(self, predicate: Callable[[str], bool], timeout: float = 60.0, what: str = "a notification",
                   start: int = 0) -> str:
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         with self.notes_cond:
             while True:
@@ -297,7 +306,7 @@ class Daemon:
     def terminate(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        return self.proc.wait(timeout * TIMEOUT_SCALE)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -313,7 +322,7 @@ class Daemon:
 
     # --- looking inside -------------------------------------------------------------------------------
     def client(self, timeout: float = 60.0) -> SocketClient:
-        return SocketClient(self.socket_path, timeout=timeout)
+        return SocketClient(self.socket_path, timeout=timeout * TIMEOUT_SCALE)
 
     def jobs(self) -> dict[str, dict[str, Any]]:
         """The journal's rows (read-only; WAL lets us read while the daemon writes)."""

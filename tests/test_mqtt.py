@@ -9,8 +9,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon_harness import (broker, daemons, images_by_job, listeners, needs_mosquitto, topic_is,  # noqa: F401
-                            wait_until)
+from daemon_harness import (TIMEOUT_SCALE, broker, daemons, images_by_job, listeners,  # noqa: F401
+                            needs_mosquitto, topic_is, wait_until)
 
 pytestmark = needs_mosquitto
 
@@ -29,7 +29,7 @@ class MosquittoSub:
         # stdbuf: mosquitto_sub's stdout is block-buffered on a pipe, which would hold back the SUBACK line
         line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []
         self.proc = subprocess.Popen([*line_buffered, exe, "-p", str(port), "-h", "127.0.0.1", "-q", "1", "-t", topic, "-d",
-                                      "-F", "MSG %t %p", "-C", str(count), "-W", "60"],
+                                      "-F", "MSG %t %p", "-C", str(count), "-W", str(int(60 * TIMEOUT_SCALE))],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in self.proc.stdout:  # -d prints the SUBACK: from then on nothing is missed
             if "SUBACK" in line:
@@ -38,7 +38,7 @@ class MosquittoSub:
             raise AssertionError("mosquitto_sub exited before subscribing")
 
     def messages(self, timeout=60):
-        out, _ = self.proc.communicate(timeout=timeout)
+        out, _ = self.proc.communicate(timeout=timeout * TIMEOUT_SCALE)
         assert self.proc.returncode == 0, out
         return [line[4:].split(" ", 1) for line in out.splitlines() if line.startswith("MSG ")]
 
