@@ -9,7 +9,6 @@ An image and its sidecar ``.json`` go together.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -115,9 +114,4 @@ def remove_temp_files(out_dir: Path) -> int:
     return count
 
 
-def usage(out_dir: Path) -> int:
-    """Bytes held by images and sidecars under out_dir."""
-    return sum(size for _, size, _ in _image_sets(Path(out_dir))) if Path(out_dir).is_dir() else 0
-
-
-__all__ = ["check_floor", "free_bytes", "prune", "remove_temp_files", "usage", "PruneReport"]
+__all__ = ["check_floor", "free_bytes", "prune", "remove_temp_files", "PruneReport"]

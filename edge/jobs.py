@@ -332,7 +332,7 @@ class Journal:
             if existing is not None:
                 return existing, False
             if state == "queued":
-                active = db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+                active = self._active(db)
                 if active >= self.max_queue:
                     raise BusyError(f"busy: the queue is full ({active} jobs, the limit is {self.max_queue}); "
                                     f"try again later")
@@ -360,7 +360,11 @@ class Journal:
     def depth(self) -> int:
         """Jobs queued or running."""
         with self._lock:
-            return self._db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
+            return self._active(self._db)
+
+    @staticmethod
+    def _active(db: sqlite3.Connection) -> int:
+        return db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
 
     def position(self, job_id: str) -> int | None:
         """How many queued jobs run before this one (0: next), or None when it is not queued."""

@@ -44,8 +44,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .config import Config
+from .daemon import error_body, progress_body, result_body
 from .errors import ConfigError
-from .jobs import valid_id
 
 if TYPE_CHECKING:
     from .daemon import Answer, JobEvent, Service
@@ -198,8 +198,6 @@ class MqttFrontEnd:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if not self.accepting:
             return  # not acknowledged: the broker keeps it for the next run
-        from .daemon import error_body
-
         fleet = not message.topic.startswith(f"{self.prefix}/")
         reply: dict[str, Any] = {"fleet": fleet}
         props = message.properties
@@ -254,7 +252,6 @@ class MqttFrontEnd:
         return self.client.publish(topic, json.dumps(body), qos=qos, retain=retain, properties=properties)
 
     def _publish_result(self, record: Any) -> None:
-        from .daemon import result_body
         body = result_body(record)
         reply = record.reply
         infos = [self._publish(f"{self.prefix}/jobs/{record.id}/result", body, self.qos)]
@@ -273,7 +270,6 @@ class MqttFrontEnd:
 
     # --- service events (the worker thread) ----------------------------------------------------------
     def _on_event(self, event: JobEvent) -> None:
-        from .daemon import progress_body
         record = event.record
         fleet = bool(record.reply.get("fleet"))
         if event.kind == "started":

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, TextIO
 
 from .config import Config
+from .daemon import error_body, progress_body, result_body
 from .errors import EdgeError, ValidationError
 from .jobs import decode_payload
 
@@ -188,8 +189,7 @@ class SocketServer:
                 continue
             with self._lock:
                 if len(self._connections) >= MAX_CONNECTIONS:
-                    _send(conn, {"status": "error", "error": f"busy: {MAX_CONNECTIONS} clients are connected; "
-                                 f"try again later"})
+                    _send(conn, error_body(f"busy: {MAX_CONNECTIONS} clients are connected; try again later"))
                     conn.close()
                     continue
                 self._connections.add(conn)
@@ -221,11 +221,10 @@ class SocketServer:
         try:
             request = decode_payload(line, self.limits)
         except ValidationError as exc:
-            return _send(conn, {"status": "error", "id": None, "error": str(exc), "field": exc.field})
+            return _send(conn, error_body(str(exc), None, exc.field))
         op = request.get("op")
         if op not in OPS:
-            return _send(conn, {"status": "error", "id": None, "field": "op",
-                                "error": f"op: must be one of {', '.join(OPS)}, got {op!r}"})
+            return _send(conn, error_body(f"op: must be one of {', '.join(OPS)}, got {op!r}", None, "op"))
         if op == "status":
             return _send(conn, {"status": "ok", **self.service.status()})
         if op == "get":
@@ -236,8 +235,8 @@ class SocketServer:
             return self._watch(conn, request.get("id"))
         job = request.get("job")
         if not isinstance(job, dict):
-            return _send(conn, {"status": "error", "id": None, "field": "job",
-                                "error": f"job: must be a JSON object with the job's fields, got {type(job).__name__}"})
+            return _send(conn, error_body(f"job: must be a JSON object with the job's fields, got "
+                                          f"{type(job).__name__}", None, "job"))
         answer = self.service.submit_data(job, "socket")
         if not _send(conn, answer.body):
             return False
@@ -268,7 +267,6 @@ class SocketServer:
                     del self._watchers[key]
 
     def _on_event(self, event: JobEvent) -> None:
-        from .daemon import progress_body, result_body
         with self._lock:
             watchers = list(self._watchers.get(event.record.id, ()))
         if not watchers:

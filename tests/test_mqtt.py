@@ -3,7 +3,6 @@
 import json
 import shutil
 import subprocess
-import time
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes

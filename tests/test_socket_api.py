@@ -1,6 +1,5 @@
 """The Unix socket front end and its client, against the real pipeline on the embedded model."""
 
-import json
 import os
 import socket
 import stat
