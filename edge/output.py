@@ -74,6 +74,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise _write_error(path, exc) from None
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: a viewer running as another user could not read it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -87,6 +88,17 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only set, and that races threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
 
 
 def _write_error(path: Path, exc: OSError) -> OutputError:

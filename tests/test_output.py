@@ -49,6 +49,17 @@ def test_atomic_write_replaces_whole(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_atomic_write_honours_the_umask_not_mkstemps_0600(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.png", b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o640
+    atomic_write(tmp_path / "b.png", b"x")
+    assert (tmp_path / "b.png").stat().st_mode & 0o777 == 0o666 & ~previous
+
+
 def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     real_fdopen = os.fdopen
 
