@@ -27,19 +27,20 @@ def test_the_embedded_model_is_knolling_tiny():
     assert load_bundle().name == "knolling-tiny"
 
 
-# The shipped model binds colour only loosely (63% colour match on held-out prompts, see
-# benchmarks/README.md): the initial noise often decides a neighbouring hue. So these ask for a
-# plurality over 8 seeds, not for every image; random weights give no parts on white at all.
-@pytest.mark.parametrize("prompt, colour", [
-    ("knolling of 3 red gears", "red"),
-    ("exploded view of 2 blue batteries", "blue"),
+# The shipped model draws the asked colour in 99% of held-out prompts (benchmarks/README.md) and all
+# 8 seeds here; one miss of 8 is allowed so that a kernel change on another CPU cannot flip the test.
+# Random weights give no parts on white at all; the first-run model (colour read from the seed's
+# noise mean) gave "knolling of 3 red gears" red in only 4 of these 8 seeds.
+@pytest.mark.parametrize("prompt, colour, count", [
+    ("knolling of 3 red gears", "red", 3),
+    ("exploded view of 2 blue batteries", "blue", 2),
 ])
-def test_parts_come_out_mostly_in_the_asked_colour_on_white(pipeline, prompt, colour):
+def test_parts_come_out_in_the_asked_colour_and_count_on_white(pipeline, prompt, colour, count):
     found = outcomes(pipeline, prompt)
     dominant = Counter(a.dominant_colour for a in found)
-    assert dominant.most_common(1)[0][0] == colour and dominant[colour] >= 4, \
-        f"{prompt!r}: dominant colours {dict(dominant)}"
-    assert all(a.parts for a in found), "an image without any part"
+    assert dominant[colour] >= len(SEEDS) - 1, f"{prompt!r}: dominant colours {dict(dominant)}"
+    assert sum(abs(len(a.parts) - count) <= 1 for a in found) >= len(SEEDS) - 1, \
+        f"{prompt!r}: part counts {[len(a.parts) for a in found]}"
     assert sum(a.background_share for a in found) / len(found) >= 0.95
 
 

@@ -119,6 +119,26 @@ def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
     assert not list(bundle_copy.glob("*/model.int8.onnx"))
 
 
+def test_lean_calibration_gives_onnxruntimes_minmax_ranges(bundle, tmp_path):
+    """edge.quantize calibrates without onnxruntime's model copies; the ranges must be its ranges."""
+    pytest.importorskip("onnx")
+    from onnxruntime.quantization import create_calibrator
+
+    from edge.quantize import STATIC_OP_TYPES, _single_items, calibrate_minmax, capture
+    feeds = capture(bundle, steps=2, max_feeds=3, prompts=1).feeds["unet"]
+    src = bundle.components["unet"].variants["fp32"]
+    ours = calibrate_minmax(src, feeds)
+    calibrator = create_calibrator(src, list(STATIC_OP_TYPES), augmented_model_path=str(tmp_path / "aug.onnx"))
+    items = iter(_single_items(feeds))
+    reader = type("Reader", (), {"get_next": lambda self: next(items, None), "rewind": lambda self: None})()
+    calibrator.collect_data(reader)
+    theirs = calibrator.compute_data()
+    assert set(ours) == set(theirs.data) and len(ours) > 50
+    for name, (low, high) in ours.items():
+        ref_low, ref_high = (float(np.asarray(v).ravel()[0]) for v in theirs[name].range_value)
+        assert low == pytest.approx(ref_low, rel=1e-6, abs=1e-6) and high == pytest.approx(ref_high, rel=1e-6, abs=1e-6), name
+
+
 def test_profile_records_measurements(bundle_copy):
     manifest = profile_bundle(load_bundle(bundle_copy), ONE, calls=1)
     unet = manifest["components"]["unet"]

@@ -277,6 +277,24 @@ def generate_outcomes(model: Path, precision: str, cases: list[Case], steps: int
     return outcomes
 
 
+def zero_mean_starting_noise() -> None:
+    """Patch the runtime's noise so that each latent channel has mean 0 and std 1 (the starting latents;
+    an ancestral scheduler's step noise too)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import edge.pipeline
+
+    plain = edge.pipeline.gaussian
+
+    def gaussian(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        x = plain(rng, shape)
+        if len(shape) == 4:
+            x = x - x.mean(axis=(2, 3), keepdims=True)
+            x = x / x.std(axis=(2, 3), keepdims=True)
+        return x
+
+    edge.pipeline.gaussian = gaussian
+
+
 def print_table(results: dict[str, dict[str, float]], n: int) -> None:
     rows = (("colour match", "colour_match", GOALS["colour_match"]),
             ("count within one", "count_within_one", GOALS["count_within_one"]),
@@ -303,6 +321,9 @@ def main() -> None:
     e.add_argument("--guidance", type=float, default=7.5)
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: physical cores)")
     e.add_argument("--save", type=Path, help="write the images, a grid and per-image outcomes here")
+    e.add_argument("--zero-mean-noise", action="store_true",
+                   help="diagnostic: remove the per-channel mean of the starting noise (does the model read "
+                        "colour from the seed's noise mean? see benchmarks/README.md)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.command == "validate":
@@ -313,6 +334,8 @@ def main() -> None:
         print(f"  all colours right    {100 * result.scene_colour:.1f}% of scenes")
         print(f"  background share min {100 * result.background_min:.1f}%")
         sys.exit(0 if min(result.count_exact, result.part_colour) >= 0.95 else 1)
+    if args.zero_mean_noise:
+        zero_mean_starting_noise()
     cases = evaluation_cases(args.n)
     results = {p: summarize(generate_outcomes(args.model, p, cases, args.steps, args.guidance, args.threads,
                                               args.save)) for p in args.precision}
