@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,6 +277,8 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
             log.info("%s: writing %s", comp, dst)
             try:
                 notes[comp][precision] = {"method": make(src, dst)}
+                for f in src.parent.glob(VARIANT_FILES[precision] + "*"):
+                    shutil.copymode(src, f)  # onnx writes external data 0600: the service user must read it
             except QuantizeError as exc:
                 notes[comp][precision] = {"rejected": str(exc)}
                 dst.unlink(missing_ok=True)

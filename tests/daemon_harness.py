@@ -217,7 +217,7 @@ class Daemon:
         self.prefix = f"test/{name}"
         base: dict[str, Any] = {
             "runtime": {"threads": 1},
-            "daemon": {"state_dir": str(self.state_dir), "device_id": name, "stop_timeout": 10.0},
+            "daemon": {"state_dir": str(self.state_dir), "device_id": name, "stop_timeout": 10.0 * TIMEOUT_SCALE},
             "socket": {"path": str(self.socket_path)},
             "mqtt": {"enabled": broker is not None, "host": "127.0.0.1", "port": broker.port if broker else 1883,
                      "client_id": f"edge-test-{name}", "topic_prefix": self.prefix, "session_expiry": 300,

@@ -106,6 +106,8 @@ def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
     for f in bundle_copy.glob("*/model.*.onnx"):
         f.unlink()
     (bundle_copy / "variants.json").unlink()
+    for f in bundle_copy.glob("*/model.onnx"):
+        f.chmod(0o640)  # the variants must take the source's mode, whatever onnx would write
     manifest = quantize_bundle(bundle_copy, steps=3, max_feeds=8)
     for comp in ("text_encoder", "unet", "vae_decoder"):
         for precision in ("fp16", "int8"):
@@ -113,6 +115,7 @@ def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
             assert "method" in entry and "psnr_db" in entry
             assert (bundle_copy / comp / f"model.{precision}.onnx").is_file() == ("rejected" not in entry)
     assert manifest["components"]["unet"]["int8"]["method"].startswith("static QDQ INT8")
+    assert {f.stat().st_mode & 0o777 for f in bundle_copy.glob("*/model.*.onnx*")} == {0o640}
     assert manifest["components"]["text_encoder"]["int8"]["method"].startswith("dynamic INT8")
     strict = quantize_bundle(bundle_copy, steps=3, max_feeds=8, min_psnr=200)
     assert all("below the 200 dB floor" in strict["components"][c]["int8"]["rejected"] for c in strict["components"])
