@@ -5,7 +5,9 @@ Written by ``edge-imagegen quantize`` (how each variant was made, or why it was 
 fidelity). :mod:`edge.memory` reads the peak RSS figures to choose a precision tier.
 
 Peak RSS is measured in a fresh process per variant: the resident set after loading and running
-the session, minus what the process held before loading it.
+the session, minus what the process held before loading it. The variants the int8-lowmem tier
+picks are measured a second time the way that tier runs them (``lowmem_peak_rss_bytes``: batch 1,
+no arena, no pre-packing, lean malloc), since that is what decides whether a small board fits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import multiprocessing
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +25,7 @@ import onnxruntime as ort
 
 from .bundle import COMPONENTS, Bundle
 from .jobs import parse_job
-from .memory import Plan
+from .memory import TIERS, Plan, lean_malloc
 from .output import atomic_write
 from .pipeline import Pipeline
 from .providers import RuntimeOptions, make_session
@@ -91,8 +94,11 @@ def _status_bytes(key: str) -> int:
     raise OSError(f"/proc/self/status has no {key}")
 
 
-def _measure(path: str, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], calls: int) -> dict[str, float]:
+def _measure(path: str, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], calls: int,
+             lowmem: bool = False) -> dict[str, float]:
     """Runs in a fresh process: load one session, call it, report memory and time."""
+    if lowmem:
+        lean_malloc()
     before = _status_bytes("VmRSS")
     t0 = time.perf_counter()
     session = make_session(Path(path), runtime)
@@ -107,10 +113,18 @@ def _measure(path: str, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], c
             "call_seconds": round(float(np.median(times)), 5)}
 
 
-def measure(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], calls: int = 3) -> dict[str, float]:
+def measure(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], calls: int = 3,
+            lowmem: bool = False) -> dict[str, float]:
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: its peak RSS is this session's alone
     with ctx.Pool(1) as pool:
-        return pool.apply(_measure, (str(path), runtime, feeds, calls))
+        return pool.apply(_measure, (str(path), runtime, feeds, calls, lowmem))
+
+
+def measure_lowmem(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray]) -> int:
+    """Peak RSS of one variant run as the int8-lowmem tier runs it: CFG passes one at a time."""
+    single = {k: v[:1] if v.ndim and v.shape[0] == 2 else v for k, v in feeds.items()}
+    lean = replace(runtime, memory_arena=False, prepack=False, cfg_batch=False)
+    return measure(path, lean, single, calls=1, lowmem=True)["peak_rss_bytes"]
 
 
 def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str, np.ndarray]]:
@@ -133,6 +147,8 @@ def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), c
         for precision, path in bundle.components[comp].variants.items():
             entry = {"bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
                      **measure(path, runtime, feeds[comp], calls)}
+            if precision == next(p for p in TIERS["int8-lowmem"] if p in bundle.components[comp].variants):
+                entry["lowmem_peak_rss_bytes"] = measure_lowmem(path, runtime, feeds[comp])
             if precision != "fp32":
                 entry.update(check.score({comp: precision}))
             results[comp][precision] = entry

@@ -11,7 +11,8 @@ Tiers, most faithful first; each picks per component the first variant the bundl
     fp16         fp16, fp32                all resident
     int8         int8, fp16, fp32          all resident
     int8-lowmem  int8, fp16, fp32          one component in memory at a time, CFG passes one
-                                           after the other, ONNX Runtime's arena off
+                                           after the other, ONNX Runtime's arena and weight
+                                           pre-packing off, freed blocks returned to the kernel
 
 A component's footprint is its peak RSS measured by ``edge-imagegen profile`` (variants.json);
 without a measurement it is estimated as twice the file size (weights plus ONNX Runtime's
@@ -20,6 +21,7 @@ pre-packed copies and activations), and the plan says so.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from dataclasses import dataclass
@@ -38,6 +40,8 @@ TIERS: dict[str, tuple[str, ...]] = {
 }
 ESTIMATE_FACTOR = 2
 MB = 1024 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+LEAN_MMAP_THRESHOLD = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -121,11 +125,13 @@ def load_manifest(bundle: Bundle) -> dict:
         return {}
 
 
-def footprint(bundle: Bundle, manifest: dict, component: str, precision: str) -> tuple[int, bool]:
-    """(bytes, measured) for one component variant."""
+def footprint(bundle: Bundle, manifest: dict, component: str, precision: str,
+              lowmem: bool = False) -> tuple[int, bool]:
+    """(bytes, measured) for one component variant, run resident or the lowmem tier's way."""
     entry = manifest.get("components", {}).get(component, {}).get(precision, {})
-    if isinstance(entry.get("peak_rss_bytes"), int):
-        return entry["peak_rss_bytes"], True
+    for key in ("lowmem_peak_rss_bytes", "peak_rss_bytes") if lowmem else ("peak_rss_bytes",):
+        if isinstance(entry.get(key), int):
+            return entry[key], True
     return bundle.components[component].variants[precision].stat().st_size * ESTIMATE_FACTOR, False
 
 
@@ -134,8 +140,8 @@ def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:
     for comp in COMPONENTS:
         variants = bundle.components[comp].variants
         precisions[comp] = next(p for p in TIERS[tier] if p in variants)
-    sizes = [footprint(bundle, manifest, c, p) for c, p in precisions.items()]
     lowmem = tier == "int8-lowmem"
+    sizes = [footprint(bundle, manifest, c, p, lowmem) for c, p in precisions.items()]
     need = max(s for s, _ in sizes) if lowmem else sum(s for s, _ in sizes)
     return Plan(tier, precisions, need, lowmem, all(m for _, m in sizes), "")
 
@@ -166,3 +172,32 @@ def ensure_room_for_job(plan: Plan, headroom: int) -> None:
     if budget.bytes < need or budget.bytes == 0:
         raise MemoryBudgetError(f"not enough free memory to start the job now: the {plan.tier} tier needs "
                                 f"{need // MB} MB beyond the headroom; budget {budget.describe()}")
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def lean_malloc() -> None:
+    """Make glibc give freed blocks back to the kernel instead of keeping them for reuse.
+
+    With ONNX Runtime's arena off, activations come from malloc. glibc raises its mmap threshold
+    after each large free (up to 32 MB), so later blocks land in the heap, and a heap fragmented by
+    one UNet call stays resident at its peak: 440 of 930 MB of anonymous memory on the SD-1.5 UNet
+    (benchmarks/README.md). A fixed threshold of 256 KB maps each large block on its own and
+    unmaps it when freed. Process-wide, so only the lowmem tier asks for it; no-op without glibc.
+    """
+    libc = _libc()
+    if libc is None or not libc.mallopt(M_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD):
+        log.debug("mallopt unavailable: freed memory stays with the allocator")
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the kernel (after a model was released)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

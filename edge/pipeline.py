@@ -27,7 +27,7 @@ from . import schedulers
 from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
 from .jobs import Job
-from .memory import Plan, ensure_room_for_job
+from .memory import Plan, ensure_room_for_job, lean_malloc, trim_heap
 from .providers import RuntimeOptions, make_session
 from .tokenizer import ClipTokenizer
 
@@ -93,6 +93,7 @@ class OnnxModel:
             yield
         finally:
             self._session = None  # the only reference: ONNX Runtime frees the weights here
+            trim_heap()
 
     def input(self, index: int):
         return list(self.inputs.values())[index]
@@ -134,7 +135,8 @@ class Pipeline:
         self.headroom = headroom
         self.plan = plan or Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "default")
         if self.plan.lowmem:  # batching CFG doubles activations; the arena keeps peaks allocated
-            runtime = replace(runtime, cfg_batch=False, memory_arena=False)
+            runtime = replace(runtime, cfg_batch=False, memory_arena=False, prepack=False)
+            lean_malloc()
         self.runtime = runtime
         t0 = time.perf_counter()
         self.tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir)

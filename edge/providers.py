@@ -50,6 +50,7 @@ class RuntimeOptions:
     optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
     cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
     memory_arena: bool = True
+    prepack: bool = True  # False: weights stay in the file's mapped pages, no second packed copy
 
 
 def physical_cores() -> int:
@@ -107,6 +108,11 @@ def session_options(options: RuntimeOptions, providers: list[str]) -> ort.Sessio
     so.inter_op_num_threads = 1
     so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
     so.enable_cpu_mem_arena = options.memory_arena
+    if not options.prepack:
+        # Pre-packing copies each weight into a kernel-specific layout in anonymous memory. Without
+        # it, external-data weights are used where ONNX Runtime mapped them from the file: clean page
+        # cache the kernel can drop and read back under pressure, instead of memory it must swap.
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.log_severity_level = 3  # ORT's warnings about unused initializers are noise to an operator
     return so
 

@@ -1,12 +1,14 @@
 """Tier choice on simulated machines: fake /proc/meminfo, /proc/self/cgroup and cgroup v2 files."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from edge.bundle import load_bundle
 from edge.errors import MemoryBudgetError
-from edge.memory import MB, Budget, cgroup_room, choose_plan, read_budget, tier_plan
+from edge.memory import MB, Budget, _libc, cgroup_room, choose_plan, read_budget, tier_plan
 
 
 def fake_machine(tmp_path, mem_available_mb, limits=None, current_mb=0):
@@ -79,6 +81,15 @@ def test_lowmem_needs_only_the_largest_component(bundle_copy):
     assert tier_plan(bundle, json.loads((bundle_copy / "variants.json").read_text()), "int8-lowmem").footprint == 950 * MB
 
 
+def test_lowmem_uses_its_own_measurement_where_profile_made_one(bundle_copy):
+    manifest_with(bundle_copy, RSS)
+    manifest = json.loads((bundle_copy / "variants.json").read_text())
+    manifest["components"]["unet"]["int8"]["lowmem_peak_rss_bytes"] = 700 * MB
+    bundle = load_bundle(bundle_copy)
+    assert tier_plan(bundle, manifest, "int8-lowmem").footprint == 700 * MB
+    assert tier_plan(bundle, manifest, "int8").footprint == (150 + 950 + 200) * MB  # resident: not affected
+
+
 def test_nothing_fits_is_a_clear_error(bundle_copy):
     bundle = manifest_with(bundle_copy, RSS)
     with pytest.raises(MemoryBudgetError, match=r"int8-lowmem tier .* needs 950 MB but the memory budget is 500 MB"):
@@ -108,3 +119,29 @@ def test_job_refused_when_memory_ran_out(pipeline):
     huge = Pipeline(pipeline.bundle, pipeline.runtime, pipeline.plan, headroom=2**50)
     with pytest.raises(MemoryBudgetError, match="not enough free memory to start the job"):
         huge.generate(parse_job({"prompt": "a gear", "seed": 1, "steps": 1}))
+
+
+FRAGMENT = r"""
+import sys, numpy as np
+from edge.memory import lean_malloc, trim_heap
+def anon_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) // 1024
+if sys.argv[1] == "lean":
+    lean_malloc()
+np.ones(2 * 2**20)  # a 16 MB block, freed at once: glibc's dynamic threshold rises to 16 MB
+base = anon_mb()
+blocks = [np.ones(2**19) for _ in range(48)]  # 48 x 4 MB, like one UNet call's activations
+last = blocks.pop()  # still in use, on top of the heap: nothing below it can be trimmed
+del blocks
+if sys.argv[1] == "trim":
+    trim_heap()
+print(anon_mb() - base)
+"""
+
+
+@pytest.mark.skipif(_libc() is None, reason="needs glibc's mallopt")
+def test_lean_malloc_gives_freed_activations_back():
+    held = {mode: int(subprocess.run([sys.executable, "-c", FRAGMENT, mode], capture_output=True, text=True,
+                                     check=True).stdout) for mode in ("default", "lean", "trim")}
+    assert held["default"] > 120  # the mechanism is real: the heap keeps what was freed below the top
+    assert held["lean"] < 16 and held["trim"] < 16, held

@@ -57,7 +57,7 @@ def test_every_tier_runs_and_stays_faithful(bundle, reference, tier):
 def test_lowmem_holds_no_session_between_stages_and_matches_int8(bundle):
     lowmem = Pipeline(bundle, ONE, tier_plan(bundle, {}, "int8-lowmem"))
     assert all(m._session is None for m in (lowmem.text_encoder, lowmem.unet, lowmem.vae_decoder))
-    assert not lowmem.runtime.cfg_batch and not lowmem.runtime.memory_arena
+    assert not lowmem.runtime.cfg_batch and not lowmem.runtime.memory_arena and not lowmem.runtime.prepack
     loaded = []
     lowmem.generate(JOB, on_step=lambda s: loaded.append(
         (lowmem.text_encoder._session is None, lowmem.unet._session is not None)))
@@ -149,6 +149,9 @@ def test_profile_records_measurements(bundle_copy):
         assert unet[precision]["bytes"] > 0 and 0 < unet[precision]["peak_rss_bytes"] < 2**31
         assert unet[precision]["call_seconds"] > 0 and unet[precision]["load_seconds"] > 0
     assert unet["int8"]["bytes"] < unet["fp32"]["bytes"]
+    lowmem = {c: [p for p, e in v.items() if "lowmem_peak_rss_bytes" in e] for c, v in manifest["components"].items()}
+    assert lowmem == {"text_encoder": ["int8"], "unet": ["int8"], "vae_decoder": ["int8"]}  # what that tier loads
+    assert 0 < unet["int8"]["lowmem_peak_rss_bytes"] < unet["int8"]["peak_rss_bytes"]  # batch 1, no arena
     assert json.loads((bundle_copy / "variants.json").read_text())["profiled_on"]["onnxruntime"]
 
 
