@@ -4,7 +4,9 @@
 
 Prints the machine, then medians (and min/max) over the runs of: model load, tokenize, text
 encoding, one UNet step, VAE decode and the whole job, plus peak RSS. Load is timed in a fresh
-process each run so that file caches, not sessions, are shared.
+process each run so that file caches, not sessions, are shared. "outside the UNet" is a step's
+time less the UNet session's own ``run``: the scheduler, CFG arithmetic and input conversions,
+all that buffer reuse or I/O binding could save.
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ def load_time(model: str | None, threads: int) -> float:
     return float(subprocess.check_output([sys.executable, "-c", code]).decode().split()[-1])
 
 
+class TimedSession:
+    """Wraps an InferenceSession and records how long each ``run`` took."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, []
+
+    def run(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.inner.run(*args, **kwargs)
+        finally:
+            self.seconds.append(time.perf_counter() - t0)
+
+
 def summary(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:9.1f} ms  (min {min(values) * 1000:.1f}, max {max(values) * 1000:.1f})"
 
@@ -49,12 +65,16 @@ def main() -> None:
     pipe = Pipeline(load_bundle(args.model), RuntimeOptions(threads=args.threads))
     job = parse_job({"prompt": "knolling of 2 red gears and a blue battery on white", "steps": args.steps, "seed": 1})
     pipe.generate(job)  # warm-up: first runs allocate the arenas
-    rows: dict[str, list[float]] = {k: [] for k in ("tokenize", "encode", "unet step", "decode", "total")}
+    rows: dict[str, list[float]] = {k: [] for k in ("tokenize", "encode", "unet step", "outside the UNet",
+                                                    "decode", "total")}
+    pipe.unet._session = unet = TimedSession(pipe.unet._session)
     for _ in range(args.runs):
+        unet.seconds.clear()
         t = pipe.generate(job).timings
         for key in ("tokenize", "encode", "decode", "total"):
             rows[key].append(t[key])
         rows["unet step"].append(statistics.median(t["steps"]))
+        rows["outside the UNet"].append((sum(t["steps"]) - sum(unet.seconds)) / len(t["steps"]))
     print(f"machine: {machine()}")
     print(f"model: {pipe.bundle.root.name}, {args.steps} steps, guidance 7.5, {args.runs} runs, "
           f"threads {args.threads or physical_cores()}, provider {pipe.provider}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .bundle import load_bundle
+from .bundle import COMPONENTS, load_bundle
 from .config import Config, load_config
 from .errors import EdgeError
 from .memory import MB, choose_plan, read_budget
@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--steps", type=int, default=8, help="denoising steps of the calibration runs")
     quant.add_argument("--prompts", type=int, default=6, help="calibration prompts to run (at most 6)")
     quant.add_argument("--max-feeds", type=int, default=48,
-                       help="calibration inputs kept per component (calibration holds all their activations)")
+                       help="calibration inputs kept per component (more: better ranges, longer calibration)")
+    quant.add_argument("--only", action="append", choices=COMPONENTS, metavar="COMPONENT",
+                       help="quantize only this component: text_encoder, unet or vae_decoder (repeatable;"
+                       " e.g. again after it ran out of memory)")
+    quant.add_argument("--precision", action="append", choices=("fp16", "int8"),
+                       help="write only this variant (repeatable; default both)")
     quant.add_argument("--min-psnr", type=float, default=20.0,
                        help="reject a variant whose images fall below this PSNR (dB) against FP32")
     quant.add_argument("--fidelity-steps", type=int, default=8, help="denoising steps of the fidelity check")
@@ -197,7 +202,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # onnxruntime.quantization logs every tensor at INFO
     logging.getLogger("edge").setLevel(logging.INFO)
     manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
-                               fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds)
+                               fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds,
+                               components=tuple(args.only or COMPONENTS),
+                               precisions=tuple(args.precision or ("fp16", "int8")))
     print(json.dumps(manifest["components"], indent=2))
     return 0
 

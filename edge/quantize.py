@@ -30,7 +30,7 @@ from .bundle import COMPONENTS, VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
 from .manifest import Fidelity, update_manifest
-from .memory import Plan
+from .memory import Plan, trim_heap
 from .pipeline import Pipeline
 from .providers import RuntimeOptions
 
@@ -262,17 +262,22 @@ def _fp16_attempt(inferred: Path, dst: Path, probe: dict[str, np.ndarray], block
 
 
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
-                    prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8) -> dict:
-    """Write the variants and their manifest entries; returns the manifest."""
+                    prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8,
+                    components: tuple[str, ...] = COMPONENTS, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
+    """Write the ``precisions`` variants of ``components`` and their manifest entries; returns the
+    manifest. Entries of other components and variants are left as they were."""
     bundle = load_bundle(root)
     calibration = capture(bundle, steps, max_feeds, prompts)
+    trim_heap()  # the FP32 pipeline is gone: give its memory back before the calibration child starts
     notes: dict[str, dict[str, dict]] = {}
-    for comp in COMPONENTS:
+    for comp in components:
         src = bundle.components[comp].variants["fp32"]
         probe = calibration.feeds[comp][-1]
         notes[comp] = {}
-        for precision, make in (("fp16", lambda s, d: convert_fp16(s, d, probe)),
-                                ("int8", lambda s, d: quantize_int8(comp, s, d, calibration))):
+        makers = {"fp16": lambda s, d: convert_fp16(s, d, probe),
+                  "int8": lambda s, d: quantize_int8(comp, s, d, calibration)}
+        for precision in precisions:
+            make = makers[precision]
             dst = src.parent / VARIANT_FILES[precision]
             log.info("%s: writing %s", comp, dst)
             try:

@@ -117,9 +117,15 @@ def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
     assert manifest["components"]["unet"]["int8"]["method"].startswith("static QDQ INT8")
     assert {f.stat().st_mode & 0o777 for f in bundle_copy.glob("*/model.*.onnx*")} == {0o640}
     assert manifest["components"]["text_encoder"]["int8"]["method"].startswith("dynamic INT8")
-    strict = quantize_bundle(bundle_copy, steps=3, max_feeds=8, min_psnr=200)
-    assert all("below the 200 dB floor" in strict["components"][c]["int8"]["rejected"] for c in strict["components"])
-    assert not list(bundle_copy.glob("*/model.int8.onnx"))
+    strict = quantize_bundle(bundle_copy, steps=3, max_feeds=8, min_psnr=200,
+                             components=("unet", "vae_decoder"), precisions=("int8",))  # --only, --precision
+    for comp in ("unet", "vae_decoder"):
+        assert "below the 200 dB floor" in strict["components"][comp]["int8"]["rejected"]
+        assert not (bundle_copy / comp / "model.int8.onnx").exists()
+    untouched = [("text_encoder", "int8"), ("text_encoder", "fp16"), ("unet", "fp16"), ("vae_decoder", "fp16")]
+    for comp, precision in untouched:
+        assert strict["components"][comp][precision] == manifest["components"][comp][precision]
+        assert (bundle_copy / comp / f"model.{precision}.onnx").is_file() == ("rejected" not in strict["components"][comp][precision])
 
 
 def test_lean_calibration_gives_onnxruntimes_minmax_ranges(bundle, tmp_path):
