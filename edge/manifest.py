@@ -7,7 +7,7 @@ fidelity). :mod:`edge.memory` reads the peak RSS figures to choose a precision t
 Peak RSS is measured in a fresh process per variant: the resident set after loading and running
 the session, minus what the process held before loading it. The variants the int8-lowmem tier
 picks are measured a second time the way that tier runs them (``lowmem_peak_rss_bytes``: batch 1,
-no arena, no pre-packing, lean malloc), since that is what decides whether a small board fits.
+no arena, lean malloc), since that is what decides whether a small board fits.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def measure(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], c
 def measure_lowmem(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray]) -> int:
     """Peak RSS of one variant run as the int8-lowmem tier runs it: CFG passes one at a time."""
     single = {k: v[:1] if v.ndim and v.shape[0] == 2 else v for k, v in feeds.items()}
-    lean = replace(runtime, memory_arena=False, prepack=False, cfg_batch=False)
+    lean = replace(runtime, memory_arena=False, cfg_batch=False)
     return measure(path, lean, single, calls=1, lowmem=True)["peak_rss_bytes"]
 
 

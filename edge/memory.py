@@ -11,8 +11,8 @@ Tiers, most faithful first; each picks per component the first variant the bundl
     fp16         fp16, fp32                all resident
     int8         int8, fp16, fp32          all resident
     int8-lowmem  int8, fp16, fp32          one component in memory at a time, CFG passes one
-                                           after the other, ONNX Runtime's arena and weight
-                                           pre-packing off, freed blocks returned to the kernel
+                                           after the other, ONNX Runtime's arena off, freed
+                                           blocks returned to the kernel at once
 
 A component's footprint is its peak RSS measured by ``edge-imagegen profile`` (variants.json);
 without a measurement it is estimated as twice the file size (weights plus ONNX Runtime's

@@ -135,7 +135,7 @@ class Pipeline:
         self.headroom = headroom
         self.plan = plan or Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "default")
         if self.plan.lowmem:  # batching CFG doubles activations; the arena keeps peaks allocated
-            runtime = replace(runtime, cfg_batch=False, memory_arena=False, prepack=False)
+            runtime = replace(runtime, cfg_batch=False, memory_arena=False)
             lean_malloc()
         self.runtime = runtime
         t0 = time.perf_counter()

@@ -247,7 +247,7 @@ def _fp16_attempt(inferred: Path, dst: Path, probe: dict[str, np.ndarray], block
     model = convert_float_to_float16(onnx.load(str(inferred)), keep_io_types=True, disable_shape_infer=True,
                                      op_block_list=DEFAULT_OP_BLOCK_LIST + blocked)
     data = dst.parent / (dst.name + "_data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing external-data file
+    data.unlink(missing_ok=True)  # onnx appends to an existing external-data file (an earlier attempt's)
     onnx.save(model, str(dst), save_as_external_data=external, location=data.name)
     try:
         out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, probe)[0]
@@ -279,6 +279,8 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
         for precision in precisions:
             make = makers[precision]
             dst = src.parent / VARIANT_FILES[precision]
+            for old in src.parent.glob(VARIANT_FILES[precision] + "*"):
+                old.unlink()  # onnx appends to an existing external-data file instead of replacing it
             log.info("%s: writing %s", comp, dst)
             try:
                 notes[comp][precision] = {"method": make(src, dst)}

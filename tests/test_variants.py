@@ -11,7 +11,7 @@ from edge.jobs import parse_job
 from edge.manifest import Fidelity, profile_bundle, psnr
 from edge.memory import TIERS, load_manifest, tier_plan
 from edge.pipeline import Pipeline
-from edge.providers import RuntimeOptions, make_session, resolve_providers
+from edge.providers import RuntimeOptions, make_session, resolve_providers, session_options
 from edge.quantize import MIN_PSNR
 
 ONE = RuntimeOptions(threads=1)
@@ -57,7 +57,7 @@ def test_every_tier_runs_and_stays_faithful(bundle, reference, tier):
 def test_lowmem_holds_no_session_between_stages_and_matches_int8(bundle):
     lowmem = Pipeline(bundle, ONE, tier_plan(bundle, {}, "int8-lowmem"))
     assert all(m._session is None for m in (lowmem.text_encoder, lowmem.unet, lowmem.vae_decoder))
-    assert not lowmem.runtime.cfg_batch and not lowmem.runtime.memory_arena and not lowmem.runtime.prepack
+    assert not lowmem.runtime.cfg_batch and not lowmem.runtime.memory_arena
     loaded = []
     lowmem.generate(JOB, on_step=lambda s: loaded.append(
         (lowmem.text_encoder._session is None, lowmem.unet._session is not None)))
@@ -173,3 +173,12 @@ def test_non_cpu_provider_runs_the_pipeline(bundle, reference):
     pipe = Pipeline(bundle, runtime, tier_plan(bundle, {}, "fp32"))
     assert pipe.provider == "OpenVINOExecutionProvider"
     assert psnr(image(pipe), reference) > 35
+
+
+def test_prepack_off_reaches_onnxruntime_and_runs(bundle, reference):
+    lean = RuntimeOptions(threads=1, prepack=False)
+    assert session_options(lean, ["CPUExecutionProvider"]).get_session_config_entry("session.disable_prepacking") == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the default: not set at all
+        session_options(ONE, ["CPUExecutionProvider"]).get_session_config_entry("session.disable_prepacking")
+    got = image(Pipeline(bundle, lean, tier_plan(bundle, {}, "fp32")))
+    assert np.abs(got.astype(int) - reference.astype(int)).max() <= 2  # other kernels, other rounding only
