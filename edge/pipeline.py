@@ -66,6 +66,16 @@ class Result:
     timings: dict[str, float | list[float]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Port:
+    """A session input's name, ONNX type and shape, copied out of the session: onnxruntime's own
+    NodeArg objects keep their session, and so all its weights, alive."""
+
+    name: str
+    type: str
+    shape: tuple
+
+
 class OnnxModel:
     """One ONNX model plus what its inputs expect, read from the session itself.
 
@@ -76,7 +86,7 @@ class OnnxModel:
     def __init__(self, name: str, path: Path, runtime: RuntimeOptions, resident: bool = True):
         self.name, self.path, self.runtime = name, path, runtime
         session = make_session(path, runtime, name)
-        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.inputs = {i.name: Port(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()}
         self.output = session.get_outputs()[0].name
         self.providers = session.get_providers()
         self._session = session if resident else None
@@ -95,7 +105,7 @@ class OnnxModel:
             self._session = None  # the only reference: ONNX Runtime frees the weights here
             trim_heap()
 
-    def input(self, index: int):
+    def input(self, index: int) -> Port:
         return list(self.inputs.values())[index]
 
     def dtype(self, name: str) -> type:

@@ -182,3 +182,26 @@ def test_prepack_off_reaches_onnxruntime_and_runs(bundle, reference):
         session_options(ONE, ["CPUExecutionProvider"]).get_session_config_entry("session.disable_prepacking")
     got = image(Pipeline(bundle, lean, tier_plan(bundle, {}, "fp32")))
     assert np.abs(got.astype(int) - reference.astype(int)).max() <= 2  # other kernels, other rounding only
+
+
+def test_a_released_model_gives_its_weights_back(tmp_path):
+    """The lowmem tier's promise, measured: a 64 MB model held only inside ``loaded()``."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+    from edge.pipeline import OnnxModel
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4096, 4096)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "big",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4096])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4096])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "big.onnx"))
+
+    def rss_mb() -> int:
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
+
+    base = rss_mb()
+    model = OnnxModel("unet", tmp_path / "big.onnx", RuntimeOptions(threads=1, memory_arena=False), resident=False)
+    assert rss_mb() - base < 32  # read its inputs, kept nothing of it
+    with model.loaded():
+        assert model(x=np.ones((1, 4096), np.float32)).shape == (1, 4096)
+        assert rss_mb() - base >= 64
+    assert rss_mb() - base < 32
