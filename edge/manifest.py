@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from .bundle import COMPONENTS, Bundle
 from .jobs import parse_job
-from .memory import TIERS, Plan, lean_malloc
+from .memory import Plan, lean_malloc, tier_plan
 from .output import atomic_write
 from .pipeline import Pipeline
 from .providers import RuntimeOptions, make_session
@@ -120,11 +120,21 @@ def measure(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray], c
         return pool.apply(_measure, (str(path), runtime, feeds, calls, lowmem))
 
 
+def single_items(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Split batched feeds (the CFG batch of 2) into batch-1 feeds, as the int8-lowmem tier runs
+    them; calibration uses them too, for half the activations per run."""
+    items = []
+    for feed in feeds:
+        batch = max((v.shape[0] for v in feed.values() if v.ndim), default=1)
+        for i in range(batch):
+            items.append({k: v[i:i + 1] if v.ndim and v.shape[0] == batch else v for k, v in feed.items()})
+    return items
+
+
 def measure_lowmem(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndarray]) -> int:
     """Peak RSS of one variant run as the int8-lowmem tier runs it: CFG passes one at a time."""
-    single = {k: v[:1] if v.ndim and v.shape[0] == 2 else v for k, v in feeds.items()}
     lean = replace(runtime, memory_arena=False, cfg_batch=False)
-    return measure(path, lean, single, calls=1, lowmem=True)["peak_rss_bytes"]
+    return measure(path, lean, single_items([feeds])[0], calls=1, lowmem=True)["peak_rss_bytes"]
 
 
 def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str, np.ndarray]]:
@@ -142,12 +152,13 @@ def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), c
     feeds = sample_feeds(bundle, runtime)
     check = Fidelity(bundle)
     results: dict[str, dict[str, dict]] = {}
+    lowmem = tier_plan(bundle, {}, "int8-lowmem").precisions
     for comp in COMPONENTS:
         results[comp] = {}
         for precision, path in bundle.components[comp].variants.items():
             entry = {"bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
                      **measure(path, runtime, feeds[comp], calls)}
-            if precision == next(p for p in TIERS["int8-lowmem"] if p in bundle.components[comp].variants):
+            if precision == lowmem[comp]:
                 entry["lowmem_peak_rss_bytes"] = measure_lowmem(path, runtime, feeds[comp])
             if precision != "fp32":
                 entry.update(check.score({comp: precision}))

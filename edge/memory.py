@@ -22,6 +22,7 @@ pre-packed copies and activations), and the plan says so.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ def ensure_room_for_job(plan: Plan, headroom: int) -> None:
                                 f"{need // MB} MB beyond the headroom; budget {budget.describe()}")
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)

@@ -29,7 +29,7 @@ import numpy as np
 from .bundle import COMPONENTS, VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
-from .manifest import Fidelity, update_manifest
+from .manifest import Fidelity, single_items, update_manifest
 from .memory import Plan, trim_heap
 from .pipeline import Pipeline
 from .providers import RuntimeOptions
@@ -85,17 +85,6 @@ def capture(bundle: Bundle, steps: int, max_feeds: int, prompts: int) -> Calibra
         keep = np.linspace(0, len(recorded) - 1, min(max_feeds, len(recorded))).round().astype(int)
         feeds[name] = [recorded[i] for i in sorted(set(keep))]
     return Calibration(feeds)
-
-
-def _single_items(feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Split batched feeds (the CFG batch of 2) into batch-1 feeds: calibration holds every
-    activation of a run at once, so a smaller batch halves its peak memory."""
-    items = []
-    for feed in feeds:
-        batch = max((v.shape[0] for v in feed.values() if v.ndim), default=1)
-        for i in range(batch):
-            items.append({k: v[i:i + 1] if v.ndim and v.shape[0] == batch else v for k, v in feed.items()})
-    return items
 
 
 def activation_matmuls(path: Path) -> list[str]:
@@ -171,7 +160,7 @@ def calibrate_minmax(src: Path, feeds: list[dict[str, np.ndarray]], op_types=STA
     names = [o.name for o in session.get_outputs() if o.name not in outputs]
     low = {n: np.inf for n in names}
     high = {n: -np.inf for n in names}
-    for feed in _single_items(feeds):
+    for feed in single_items(feeds):
         for name, value in zip(names, session.run(names, feed)):
             table = low if name.endswith("__ReduceMin") else high
             table[name] = min(table[name], float(value)) if table is low else max(table[name], float(value))
@@ -261,6 +250,12 @@ def _fp16_attempt(inferred: Path, dst: Path, probe: dict[str, np.ndarray], block
     return None
 
 
+def _remove_variant(folder: Path, precision: str) -> None:
+    """The variant's model and external-data files (onnx appends to an existing data file)."""
+    for f in folder.glob(VARIANT_FILES[precision] + "*"):
+        f.unlink()
+
+
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
                     prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8,
                     components: tuple[str, ...] = COMPONENTS, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
@@ -277,18 +272,16 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
         makers = {"fp16": lambda s, d: convert_fp16(s, d, probe),
                   "int8": lambda s, d: quantize_int8(comp, s, d, calibration)}
         for precision in precisions:
-            make = makers[precision]
             dst = src.parent / VARIANT_FILES[precision]
-            for old in src.parent.glob(VARIANT_FILES[precision] + "*"):
-                old.unlink()  # onnx appends to an existing external-data file instead of replacing it
+            _remove_variant(src.parent, precision)  # an earlier attempt's
             log.info("%s: writing %s", comp, dst)
             try:
-                notes[comp][precision] = {"method": make(src, dst)}
+                notes[comp][precision] = {"method": makers[precision](src, dst)}
                 for f in src.parent.glob(VARIANT_FILES[precision] + "*"):
                     shutil.copymode(src, f)  # onnx writes external data 0600: the service user must read it
             except QuantizeError as exc:
                 notes[comp][precision] = {"rejected": str(exc)}
-                dst.unlink(missing_ok=True)
+                _remove_variant(src.parent, precision)
     bundle = load_bundle(root)  # now with the new files
     check = Fidelity(bundle, fidelity_steps)
     for comp, variants in notes.items():
@@ -300,8 +293,7 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
             if score["psnr_db"] < min_psnr:
                 entry["rejected"] = (f"images at {score['psnr_db']:.1f} dB PSNR against FP32, below the "
                                      f"{min_psnr:g} dB floor: kept at higher precision")
-                for f in bundle.components[comp].folder.glob(VARIANT_FILES[precision] + "*"):
-                    f.unlink()
+                _remove_variant(bundle.components[comp].folder, precision)
 
     def record(manifest: dict) -> None:  # replace whole entries: older measurements are of older files
         for comp, variants in notes.items():

@@ -133,12 +133,13 @@ def test_lean_calibration_gives_onnxruntimes_minmax_ranges(bundle, tmp_path):
     pytest.importorskip("onnx")
     from onnxruntime.quantization import create_calibrator
 
-    from edge.quantize import STATIC_OP_TYPES, _single_items, calibrate_minmax, capture
+    from edge.manifest import single_items
+    from edge.quantize import STATIC_OP_TYPES, calibrate_minmax, capture
     feeds = capture(bundle, steps=2, max_feeds=3, prompts=1).feeds["unet"]
     src = bundle.components["unet"].variants["fp32"]
     ours = calibrate_minmax(src, feeds)
     calibrator = create_calibrator(src, list(STATIC_OP_TYPES), augmented_model_path=str(tmp_path / "aug.onnx"))
-    items = iter(_single_items(feeds))
+    items = iter(single_items(feeds))
     reader = type("Reader", (), {"get_next": lambda self: next(items, None), "rewind": lambda self: None})()
     calibrator.collect_data(reader)
     theirs = calibrator.compute_data()

@@ -5,7 +5,7 @@ the SD VAE), seeded random weights, 512x512 static shapes, exported with Optimum
 model. About 4 GB, so it is never committed:
 
     /work/devenv/bin/python tools/make_sd15_bundle.py /work/sd15
-    /work/devenv/bin/python tools/make_sd15_bundle.py /work/sd15c --attention-chunk 512
+    /work/devenv/bin/python tools/make_sd15_bundle.py /work/sd15d --attention-chunk 512
 """
 
 from __future__ import annotations
