@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.cli import ProgressBar
+from edge.console import ProgressBar
 from edge.output import parse_parameters
 from edge.pipeline import Step
 
