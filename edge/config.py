@@ -53,6 +53,12 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    dir: str | None = None  # None: the model bundle's loras/ folder
+    cache_sessions: int = 2  # sessions of recent LoRA sets kept, within the memory budget
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "outputs"
     sidecar: bool = True
@@ -123,6 +129,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     defaults: Defaults = field(default_factory=Defaults)
     limits: Limits = field(default_factory=Limits)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -140,7 +147,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": LOG_LEVELS,
     "mqtt.protocol": ("mqttv5", "mqttv311"),
 }
-NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb",
+NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb", "lora.cache_sessions", "limits.max_loras",
                 "output.min_free_mb", "output.max_bytes", "output.max_age_days",
                 "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
                 "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",
@@ -237,6 +244,8 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
                               f"{', '.join(COMPONENTS)}")
     if config.limits.min_guidance > config.limits.max_guidance:
         raise ConfigError("limits.min_guidance: must not exceed limits.max_guidance")
+    if config.limits.min_lora_strength > config.limits.max_lora_strength:
+        raise ConfigError("limits.min_lora_strength: must not exceed limits.max_lora_strength")
     _check_daemon_sections(config)
     return config
 

@@ -21,7 +21,9 @@ from typing import Any
 
 from .errors import ValidationError
 
-MAX_SEED = 2**53 - 1  # the largest integer every JSON client round-trips exactly
+MAX_SEED = 2**53 - 1
+LORA_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?>")  # AUTOMATIC1111's prompt syntax  # the largest integer every JSON client round-trips exactly
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no trailing newline slips by
 
 
@@ -38,6 +40,9 @@ class Limits:
     max_side: int = 2048
     min_priority: int = -10
     max_priority: int = 10
+    max_loras: int = 4
+    min_lora_strength: float = 0.0
+    max_lora_strength: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,14 @@ class Defaults:
     scheduler: str | None = None  # None: the bundle's scheduler_config.json
     width: int | None = None  # None: the model's native size
     height: int | None = None
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA a job asks for: a file name in ``lora.dir`` (without ``.safetensors``) and its strength."""
+
+    name: str
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,10 @@ class Job:
     scheduler: str | None = None
     priority: int = 0
     id: str | None = None
+    loras: tuple[LoraRef, ...] = ()
+
+    def __post_init__(self) -> None:  # a journaled job comes back with its LoRAs as JSON objects
+        object.__setattr__(self, "loras", tuple(LoraRef(**r) if isinstance(r, dict) else r for r in self.loras))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,9 +179,11 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
     if job_id is not None and valid_id(job_id) is None:
         raise ValidationError("id", "must be 1 to 64 characters of letters, digits, '_', '.' or '-'")
     scheduler = get("scheduler", defaults.scheduler)
+    prompt, loras = _loras(_text("prompt", data["prompt"], limits.max_prompt_chars, required=True),
+                           data.get("loras"), limits)
     return Job(
         id=job_id,
-        prompt=_text("prompt", data["prompt"], limits.max_prompt_chars, required=True),
+        prompt=prompt,
         negative_prompt=_text("negative_prompt", get("negative_prompt", defaults.negative_prompt),
                               limits.max_prompt_chars, required=False),
         steps=_int("steps", get("steps", defaults.steps), 1, limits.max_steps),
@@ -175,7 +194,47 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
         height=_side("height", get("height", defaults.height), limits),
         scheduler=None if scheduler is None else _text("scheduler", scheduler, 64, required=True),
         priority=_int("priority", get("priority", 0), limits.min_priority, limits.max_priority),
+        loras=loras,
     )
+
+
+def _loras(prompt: str, given: Any, limits: Limits) -> tuple[str, tuple[LoraRef, ...]]:
+    """The job's LoRAs: the ``loras`` field, then ``<lora:name:strength>`` tags taken out of the prompt.
+
+    Whether a name exists is the runner's check (it needs the files); here only the form and limits.
+    """
+    if given is None:
+        given = []
+    if not isinstance(given, list):
+        raise ValidationError("loras", f"must be a list of {{\"name\": ..., \"strength\": ...}}, got "
+                              f"{type(given).__name__}")
+    entries: list[tuple[Any, Any]] = []
+    for i, item in enumerate(given):
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "strength"}:
+            raise ValidationError("loras", f"item {i} must be an object with name and optional strength, got {item!r}")
+        entries.append((item["name"], item.get("strength", 1.0)))
+    for match in LORA_TAG.finditer(prompt):
+        strength = match.group(2)
+        try:
+            entries.append((match.group(1), 1.0 if strength is None else float(strength)))
+        except ValueError:
+            raise ValidationError("loras", f"{match.group(0)} in the prompt: the strength must be a number") from None
+    stripped = " ".join(LORA_TAG.sub(" ", prompt).split()) if LORA_TAG.search(prompt) else prompt
+    if len(entries) > limits.max_loras:
+        raise ValidationError("loras", f"{len(entries)} LoRAs asked for, the limit is {limits.max_loras}")
+    refs = []
+    for name, strength in entries:
+        if not isinstance(name, str) or not LORA_NAME.fullmatch(name):
+            raise ValidationError("loras", f"name {name!r} must be 1 to 64 letters, digits, '_', '.' or '-'")
+        refs.append(LoraRef(name, _float(f"loras.{name}.strength", strength, limits.min_lora_strength,
+                                           limits.max_lora_strength)))
+    names = [r.name for r in refs]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise ValidationError("loras", f"{twice} is asked for twice")
+    if not stripped.strip():
+        raise ValidationError("prompt", "must not be empty once its <lora:...> tags are taken out")
+    return stripped, tuple(refs)
 
 
 def new_id() -> str:

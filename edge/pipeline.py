@@ -26,7 +26,9 @@ from PIL import Image
 from . import schedulers
 from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
+from .config import LoraConfig
 from .jobs import Job, Step
+from .lora_apply import LoraLibrary, LoraRuntime
 from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
 from .providers import RuntimeOptions, make_session
 from .tokenizer import ClipTokenizer
@@ -78,8 +80,9 @@ class OnnxModel:
         self.inputs = {i.name: Port(i.name, i.type, tuple(i.shape)) for i in session.get_inputs()}
         self.output = session.get_outputs()[0].name
         self.providers = session.get_providers()
-        self._session = session if resident else None
+        self._base = self._session = session if resident else None
         self._resident = resident
+        self._overrides: dict[str, np.ndarray] | None = None  # lowmem: what the next load overrides (LoRA)
         self.record: list[dict[str, np.ndarray]] | None = None  # set to a list to capture inputs (calibration)
 
     @contextmanager
@@ -87,12 +90,23 @@ class OnnxModel:
         if self._resident or self._session is not None:
             yield
             return
-        self._session = make_session(self.path, self.runtime, self.name)
+        self._session = make_session(self.path, self.runtime, self.name, self._overrides)
         try:
             yield
         finally:
             self._session = None  # the only reference: ONNX Runtime frees the weights here
             trim_heap()
+
+    def new_session(self, initializers: dict[str, np.ndarray]) -> object:
+        return make_session(self.path, self.runtime, self.name, initializers)
+
+    def use(self, session: object | None) -> None:
+        """Resident: run with ``session`` (LoRA weights fused in); None: the file's own weights."""
+        self._session = session if session is not None else self._base
+
+    def override(self, initializers: dict[str, np.ndarray] | None) -> None:
+        """Not resident: the initializers the next load overrides (LoRA weights); None: none."""
+        self._overrides = initializers
 
     def input(self, index: int) -> Port:
         return list(self.inputs.values())[index]
@@ -128,7 +142,7 @@ class Pipeline:
     """A loaded model, kept resident between jobs. Not thread-safe: one job at a time."""
 
     def __init__(self, bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), plan: Plan | None = None,
-                 headroom: int | None = None):
+                 headroom: int | None = None, lora: LoraConfig = LoraConfig()):
         """``headroom`` (bytes): check before each job that this much memory is still free."""
         self.bundle = bundle
         self.headroom = headroom
@@ -148,6 +162,8 @@ class Pipeline:
         self._sample, self._timestep, self._context = (self.unet.input(i).name for i in range(3))
         self._latent_name = self.vae_decoder.input(0).name
         self.latent_channels = self.unet.shape(self._sample)[1] or 4
+        self.lora = LoraRuntime(self, LoraLibrary(Path(lora.dir).expanduser() if lora.dir else bundle.root / "loras"),
+                                lora.cache_sessions)
         log.info("loaded %s in %.2f s on %s, tier %s (%s)", bundle.root, self.load_seconds, self.provider,
                  self.plan.tier, ", ".join(f"{c} {p}" for c, p in self.plan.precisions.items()))
 
@@ -185,6 +201,7 @@ class Pipeline:
             if value % scale:
                 raise ValidationError(field_name, f"must be a multiple of {scale}, got {value}")
         schedulers.from_config(self.bundle.scheduler_config, job.scheduler).set_timesteps(job.steps)
+        self.lora.check(job.loras)
 
     # --- stages ------------------------------------------------------------------------------
     def encode(self, ids: list[int]) -> np.ndarray:
@@ -239,6 +256,7 @@ class Pipeline:
         width, height = self.size(job)
         if self.headroom is not None:
             ensure_room_for_job(self.plan, self.headroom)
+        self.lora.activate(job.loras)
         scheduler = schedulers.from_config(self.bundle.scheduler_config, job.scheduler)
         timings: dict[str, float | list[float]] = {"steps": []}
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from .config import RuntimeOptions
@@ -119,9 +120,22 @@ def _load(source: Path, so: ort.SessionOptions, providers: list[str], options: R
         raise BundleError(f"{shown_as}: ONNX Runtime could not load it: {exc}") from None
 
 
-def make_session(path: Path, options: RuntimeOptions, component: str | None = None) -> ort.InferenceSession:
+def make_session(path: Path, options: RuntimeOptions, component: str | None = None,
+                 initializers: dict[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """A session of ``path``; ``initializers`` override the file's (LoRA-fused weights), which ONNX
+    Runtime reads from these arrays for the session's life: the session keeps them referenced."""
     providers = resolve_providers(options.component_providers.get(component or "", options.providers))
     so = session_options(options, providers)
+    if initializers:
+        if so.graph_optimization_level == OPT_LEVELS["all"]:
+            # level "all" re-lays Conv weights out (NCHWc) before overrides apply: they would be lost
+            so.graph_optimization_level = OPT_LEVELS["extended"]
+        values = [ort.OrtValue.ortvalue_from_numpy(array) for array in initializers.values()]
+        for name, value in zip(initializers, values):
+            so.add_initializer(name, value)
+        session = _load(path, so, providers, options, path)  # the optimized-model cache is the base file's
+        session._edge_initializers = (initializers, values)
+        return session
     if not options.optimized_cache or providers != [CPU]:  # compiling providers can't save their graphs
         return _load(path, so, providers, options, path)
     cached = _cache_path(path, options)

@@ -91,9 +91,8 @@ def to_kohya(peft: dict[str, torch.Tensor], sgm: bool, unet_config) -> dict[str,
         component, rest = key.split(".", 1)
         module, _, kind = rest.rpartition(".lora_")
         if component == "unet" and sgm:
-            module = sgm_name(module, unet_config.layers_per_block)
-            if module.split(".")[2] == "0" and module.startswith(("input_blocks", "output_blocks", "middle_block")):
-                module = resnet_sgm_inner(module)
+            renamed = sgm_name(module, unet_config.layers_per_block)
+            module = resnet_sgm_inner(renamed) if ".resnets." in module else renamed
         prefix = "lora_unet_" if component == "unet" else "lora_te_"
         name = prefix + module.replace(".", "_")
         out[f"{name}.lora_down.weight" if kind.startswith("A") else f"{name}.lora_up.weight"] = value.contiguous()

@@ -1,0 +1,214 @@
+"""LoRA at run time: fused weights handed to ONNX Runtime as initializer overrides, sessions cached.
+
+For a job's LoRA set, each changed layer's weight becomes W' = W + sum(strength * (alpha/rank) *
+up @ down), computed from the FP32 file's W and given to a new session of the component through
+``SessionOptions.add_initializer``: the model files are never rewritten. FP16 variants get W' cast;
+INT8 variants get W' re-quantized the way ``edge-imagegen quantize`` made them (symmetric int8,
+per channel for static QDQ, one scale per tensor for dynamic MatMulInteger), with new scales (and, for
+a static layer's int32 bias, its scale = input scale x weight scale, the bias re-quantized to match).
+
+Sessions of recent LoRA sets stay cached, as many as ``lora.cache_sessions`` and the memory budget
+allow (each costs about the component's footprint); the int8-lowmem tier builds its sessions per use
+anyway and caches none. No LoRA, or every strength 0, runs the base session itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import BundleError, MemoryBudgetError, ValidationError
+from .jobs import LoraRef
+from .lora import LORA_COMPONENTS, LoraFile, LoraLayer, match_layers
+from .lora_graph import WeightRef, weight_map
+from .memory import MB, footprint, load_manifest, read_budget
+
+if TYPE_CHECKING:
+    from .pipeline import OnnxModel, Pipeline
+
+log = logging.getLogger(__name__)
+
+INT8_MAX = 127  # onnxruntime.quantization's symmetric int8 range is [-127, 127]
+NUMPY = {1: np.float32, 10: np.float16}
+
+
+class LoraLibrary:
+    """The ``.safetensors`` files of one folder, by name (the file name without its suffix).
+
+    A file is read when first used and read again when it changes on disk, so a LoRA can be
+    swapped by replacing its file while the daemon runs.
+    """
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder is not None else None
+        self._files: dict[str, tuple[tuple[int, int], LoraFile]] = {}
+
+    def names(self) -> list[str]:
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return sorted(p.stem for p in self.folder.glob("*.safetensors") if p.is_file())
+
+    def get(self, name: str) -> LoraFile:
+        path = self.folder / f"{name}.safetensors" if self.folder is not None else None
+        if path is None or not path.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise ValidationError("loras", f"{name}: no such LoRA in {self.folder} (found: {known})")
+        stat = path.stat()
+        version = (stat.st_size, stat.st_mtime_ns)
+        cached = self._files.get(name)
+        if cached is None or cached[0] != version:
+            try:
+                cached = (version, LoraFile(path, name))
+            except BundleError as exc:
+                raise ValidationError("loras", f"{name}: {exc}") from None
+            self._files[name] = cached
+        return cached[1]
+
+
+@dataclass(frozen=True)
+class Target:
+    layer: LoraLayer
+    base: WeightRef  # the FP32 file's weight (the values W' is computed from)
+    variant: WeightRef  # the weight in the file the session loads
+
+
+def _quantize(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per channel along ``axis`` (None: one for the tensor)."""
+    if axis is None:
+        scale = np.asarray(np.abs(values).max() / INT8_MAX, np.float32)
+    else:
+        other = tuple(i for i in range(values.ndim) if i != axis)
+        scale = (np.abs(values).max(axis=other) / INT8_MAX).astype(np.float32)
+    scale = np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    shape = [1] * values.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.round(values / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def fused_initializers(component_path: Path, fp32_path: Path, targets: list[tuple[Target, float]]) -> dict[str, np.ndarray]:
+    """The overridden initializers of the file at ``component_path`` for these layers and strengths."""
+    base_graph, _ = weight_map(fp32_path)
+    graph, _ = weight_map(component_path)
+    fused: dict[str, tuple[WeightRef, np.ndarray]] = {}
+    for target, strength in targets:
+        ref = target.variant
+        if ref.name not in fused:
+            fused[ref.name] = (ref, base_graph.array(target.base.name).astype(np.float32))
+        fused[ref.name][1][...] += strength * target.layer.delta(target.base, "")
+    out: dict[str, np.ndarray] = {}
+    for name, (ref, values) in fused.items():
+        if values.shape != ref.shape:  # the variant's exporter laid the weight out the other way round
+            values = values.T
+        if not ref.quantized:
+            out[name] = np.ascontiguousarray(values.astype(NUMPY.get(ref.data_type, np.float32)))
+            continue
+        old_scale = graph.array(ref.scale)
+        q, scale = _quantize(values, ref.axis if old_scale.ndim else None)
+        out[name], out[ref.scale] = q, scale.reshape(old_scale.shape)
+        if ref.bias is not None:  # int32 bias: its scale must stay input scale x weight scale
+            bias = graph.array(ref.bias.name).astype(np.float64) * graph.array(ref.bias.scale)
+            bias_scale = (graph.array(ref.bias.input_scale) * scale).astype(np.float32)
+            out[ref.bias.name] = np.round(bias / bias_scale).astype(np.int32)
+            out[ref.bias.scale] = bias_scale
+    return out
+
+
+class LoraRuntime:
+    """The LoRA side of one :class:`~edge.pipeline.Pipeline`: checks at submit, sessions per LoRA set."""
+
+    def __init__(self, pipeline: Pipeline, library: LoraLibrary, cache_sessions: int = 2):
+        self.pipeline, self.library, self.cache_sessions = pipeline, library, cache_sessions
+        self._targets: dict[tuple[str, str, str], list[Target]] = {}  # (lora sha, component) -> targets
+        self._sessions: OrderedDict[tuple, Any] = OrderedDict()  # (component, LoRA set) -> session
+        self.switch_seconds: dict[str, float] = {}  # what the last activation cost, per component
+
+    def _component_files(self, component: str) -> tuple[Path, Path]:
+        comp = self.pipeline.bundle.components[component]
+        return comp.variants[self.pipeline.plan.precisions[component]], comp.variants["fp32"]
+
+    def targets(self, lora: LoraFile, component: str) -> list[Target]:
+        path, fp32 = self._component_files(component)
+        key = (lora.sha256, component, str(path))
+        if key not in self._targets:
+            unet_config = self.pipeline.bundle.components["unet"].config
+            base = match_layers(lora, component, weight_map(fp32)[1], unet_config)
+            variant = dict(match_layers(lora, component, weight_map(path)[1], unet_config)) if path != fp32 \
+                else dict(base)
+            self._targets[key] = [Target(layer, ref, variant[layer]) for layer, ref in base]
+        return self._targets[key]
+
+    def check(self, loras: tuple[LoraRef, ...]) -> None:
+        """Everything that can fail about a job's LoRAs, before it is accepted (ValidationError)."""
+        for ref in loras:
+            lora = self.library.get(ref.name)
+            if not any(lora.layers.values()):
+                raise ValidationError("loras", f"{ref.name}: none of the keys of {lora.path} is a LoRA layer of a "
+                                      f"UNet or text encoder this runtime reads (keys: {lora.example_keys()})")
+            for component in LORA_COMPONENTS:
+                self.targets(lora, component)
+
+    def _active(self, loras: tuple[LoraRef, ...], component: str) -> list[tuple[Target, float]]:
+        return [(t, ref.strength) for ref in loras if ref.strength != 0
+                for t in self.targets(self.library.get(ref.name), component)]
+
+    def activate(self, loras: tuple[LoraRef, ...]) -> None:
+        """Point the text encoder and UNet at sessions with these LoRAs fused (none: the base ones)."""
+        for component in LORA_COMPONENTS:
+            model: OnnxModel = getattr(self.pipeline, component)
+            t0 = time.perf_counter()
+            active = self._active(loras, component)
+            if not active:
+                model.override(None) if self.pipeline.plan.lowmem else model.use(None)
+                self.switch_seconds[component] = 0.0
+                continue
+            key = (component, tuple((self.library.get(r.name).sha256, r.strength) for r in loras if r.strength))
+            path, fp32 = self._component_files(component)
+            if self.pipeline.plan.lowmem:  # sessions are built per use: hand over the initializers
+                model.override(fused_initializers(path, fp32, active))
+            elif key in self._sessions:
+                self._sessions.move_to_end(key)
+                model.use(self._sessions[key])
+            else:
+                self._make_room(component)
+                session = model.new_session(fused_initializers(path, fp32, active))
+                self._sessions[key] = session
+                model.use(session)
+            self.switch_seconds[component] = time.perf_counter() - t0
+            log.debug("%s: LoRA set %s active in %.3f s", component, key[1], self.switch_seconds[component])
+
+    def _make_room(self, component: str) -> None:
+        """Evict cached sessions until one more fits the count and the memory budget."""
+        pipeline = self.pipeline
+        need, _ = footprint(pipeline.bundle, load_manifest(pipeline.bundle), component,
+                            pipeline.plan.precisions[component])
+        headroom = pipeline.headroom or 0
+        while self._sessions and (len(self._sessions) >= self.cache_sessions
+                                  or read_budget(headroom).bytes < need):
+            self._sessions.popitem(last=False)
+        if pipeline.headroom is not None and read_budget(headroom).bytes < need:
+            raise MemoryBudgetError(f"not enough free memory for a {component} session with this LoRA set: it "
+                                    f"needs {need // MB} MB beyond the headroom; budget "
+                                    f"{read_budget(headroom).describe()}")
+
+    def describe(self) -> dict[str, Any]:
+        """For ``doctor``: each LoRA found, its hash and which components it fits (or why not)."""
+        out: dict[str, Any] = {}
+        for name in self.library.names():
+            try:
+                lora = self.library.get(name)
+                fits = {}
+                for component in LORA_COMPONENTS:
+                    if lora.layers[component]:
+                        fits[component] = f"{len(self.targets(lora, component))} layers"
+                out[name] = {"sha256": lora.sha256, "fits": fits or "no layer of this model"}
+            except ValidationError as exc:
+                out[name] = {"error": exc.reason}
+        return out
