@@ -42,6 +42,16 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
+    p.add_argument("--lora", action="append", metavar="NAME[:STRENGTH]", type=_lora_flag,
+                   help="a LoRA from lora.dir, strength 1 if not given (repeatable); <lora:NAME:S> in the prompt works too")
+
+
+def _lora_flag(value: str) -> dict[str, Any]:
+    name, _, strength = value.partition(":")
+    try:
+        return {"name": name, **({"strength": float(strength)} if strength else {})}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: the strength after ':' must be a number") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +122,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .output import save_result
     config = config_from_args(args)
     fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
-    job = parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits, config.defaults)
+    job = parse_job({"prompt": args.prompt, "id": args.id, "loras": args.lora, **fields}, config.limits,
+                    config.defaults)
     pipeline = load_pipeline(config)
     pipeline.check(job)
     job = admit(job)
@@ -134,6 +145,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from .bundle import load_bundle
+    from .lora_apply import LoraLibrary, describe_loras
     from .memory import MB, choose_plan, read_budget
     from .providers import physical_cores
     config = config_from_args(args)
@@ -156,6 +168,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except EdgeError as exc:
         info["precision"] = {"error": str(exc)}
     info["model"] = bundle.summary()
+    library = LoraLibrary.configured(config.lora, bundle)
+    info["loras"] = {"dir": str(library.folder), "found": describe_loras(library, bundle)}
     print(json.dumps(info, indent=2))
     return 0
 
@@ -204,6 +218,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     # the fields go to the daemon as given: it validates them (one validator for every front end)
     job = {name: getattr(args, name) for name in (*JOB_FLAGS, "priority", "id") if getattr(args, name) is not None}
+    if args.lora:
+        job["loras"] = args.lora
     return run_submit(args.socket or client_socket_path(config), {"prompt": args.prompt, **job},
                       wait=not args.no_wait)
 

@@ -18,4 +18,4 @@ def load_pipeline(config: Config) -> Pipeline:
     headroom = config.memory.headroom_mb * MB
     plan = choose_plan(bundle, read_budget(headroom), config.model.precision)
     log.info("precision tier %s: %s", plan.tier, plan.reason)
-    return Pipeline(bundle, config.runtime, plan, headroom)
+    return Pipeline(bundle, config.runtime, plan, headroom, config.lora)

@@ -37,7 +37,7 @@ LORA_COMPONENTS = ("text_encoder", "unet")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
          (".lora.down.weight", ".lora.up.weight"))
-UNSUPPORTED = ("hada_", "lokr_", "dora_scale", ".diff", "lora_mid")  # LoHa, LoKr, DoRA, full diffs, Tucker
+UNSUPPORTED = ("hada_", "lokr_", "dora_scale", "lora_mid")  # LoHa, LoKr, DoRA, Tucker (and ".diff": full diffs)
 SGM = re.compile(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)|(middle_block)_(\d+)_(.+)")
 SGM_FIXED = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
              "time_embed_2": "time_embedding_linear_2"}
@@ -138,7 +138,8 @@ class LoraFile:
         self.keys = sorted(tensors.tensors)
         self.layers: dict[str, list[LoraLayer]] = {c: [] for c in LORA_COMPONENTS}
         self.unmatched: list[str] = []  # keys of no known style
-        bad = next((k for k in self.keys for u in UNSUPPORTED if u in k), None)
+        bad = next((k for k in self.keys if any(u in k for u in UNSUPPORTED) or k.endswith((".diff", ".diff_b"))),
+                   None)
         if bad is not None:
             raise ValidationError("loras", f"{self.name}: {self.path} holds {bad!r}: LoHa, LoKr, DoRA and "
                                   f"full-difference layers are not supported, only LoRA (down/up) and LoCon")

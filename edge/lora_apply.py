@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bundle import Bundle
+from .config import LoraConfig
 from .errors import BundleError, MemoryBudgetError, ValidationError
 from .jobs import LoraRef
 from .lora import LORA_COMPONENTS, LoraFile, LoraLayer, match_layers
@@ -48,6 +50,11 @@ class LoraLibrary:
     def __init__(self, folder: Path | None):
         self.folder = Path(folder) if folder is not None else None
         self._files: dict[str, tuple[tuple[int, int], LoraFile]] = {}
+
+    @classmethod
+    def configured(cls, config: LoraConfig, bundle: Bundle) -> LoraLibrary:
+        """``lora.dir``, or the bundle's own ``loras/`` folder when it is not set."""
+        return cls(Path(config.dir).expanduser() if config.dir else bundle.root / "loras")
 
     def names(self) -> list[str]:
         if self.folder is None or not self.folder.is_dir():
@@ -198,17 +205,21 @@ class LoraRuntime:
                                     f"needs {need // MB} MB beyond the headroom; budget "
                                     f"{read_budget(headroom).describe()}")
 
-    def describe(self) -> dict[str, Any]:
-        """For ``doctor``: each LoRA found, its hash and which components it fits (or why not)."""
-        out: dict[str, Any] = {}
-        for name in self.library.names():
-            try:
-                lora = self.library.get(name)
-                fits = {}
-                for component in LORA_COMPONENTS:
-                    if lora.layers[component]:
-                        fits[component] = f"{len(self.targets(lora, component))} layers"
-                out[name] = {"sha256": lora.sha256, "fits": fits or "no layer of this model"}
-            except ValidationError as exc:
-                out[name] = {"error": exc.reason}
-        return out
+    def hashes(self, loras: tuple[LoraRef, ...]) -> dict[str, str]:
+        return {r.name: self.library.get(r.name).sha256 for r in loras}
+
+
+def describe_loras(library: LoraLibrary, bundle: Bundle) -> dict[str, Any]:
+    """For ``doctor``: each LoRA found, its hash and which components of the bundle it fits (or why not)."""
+    out: dict[str, Any] = {}
+    unet_config = bundle.components["unet"].config
+    for name in library.names():
+        try:
+            lora = library.get(name)
+            fits = {c: f"{len(match_layers(lora, c, weight_map(bundle.components[c].path)[1], unet_config))} layers"
+                    for c in LORA_COMPONENTS if lora.layers[c]}
+            out[name] = {"sha256": lora.sha256, "fits": fits or f"no layer of a UNet or text encoder "
+                                                              f"(keys: {lora.example_keys()})"}
+        except ValidationError as exc:
+            out[name] = {"error": exc.reason}
+    return out

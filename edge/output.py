@@ -13,7 +13,8 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,23 +42,36 @@ class ImageMeta:
     sampler: str
     model: str
     extra: dict[str, Any]  # timings, precision, provider, tokens dropped: sidecar only
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> sha256 of its file
+
+
+# AUTOMATIC1111's own pattern for the settings line: values may be quoted and hold ", "
+SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parameters_text(meta: ImageMeta) -> str:
-    """The AUTOMATIC1111 ``parameters`` string: prompt, optional negative prompt, settings."""
+    """The AUTOMATIC1111 ``parameters`` string: prompt, optional negative prompt, settings.
+
+    LoRAs are written the way A1111 writes them: ``<lora:name:strength>`` in the prompt line and
+    ``Lora hashes: "name: <first 12 hex digits of the file's sha256>"`` among the settings.
+    """
     job = meta.job
-    lines = [job.prompt]
+    lines = [" ".join([job.prompt, *(f"<lora:{r.name}:{r.strength:g}>" for r in job.loras)])]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
-    lines.append(f"Steps: {job.steps}, Sampler: {meta.sampler}, CFG scale: {job.guidance:g}, "
-                 f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}")
+    settings = (f"Steps: {job.steps}, Sampler: {meta.sampler}, CFG scale: {job.guidance:g}, "
+                f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}")
+    if job.loras:
+        hashes = ", ".join(f"{r.name}: {meta.lora_hashes.get(r.name, '')[:12]}" for r in job.loras)
+        settings += f', Lora hashes: "{hashes}"'
+    lines.append(settings)
     return "\n".join(lines)
 
 
 def parse_parameters(text: str) -> dict[str, str]:
     """Read a ``parameters`` string back (prompt, negative prompt and the settings line)."""
     lines = text.split("\n")
-    settings = dict(item.split(": ", 1) for item in lines[-1].split(", "))
+    settings = {k: v[1:-1] if v.startswith('"') else v for k, v in SETTING.findall(lines[-1])}
     negative = [l[len("Negative prompt: "):] for l in lines[1:-1] if l.startswith("Negative prompt: ")]
     return {"prompt": lines[0], "negative_prompt": negative[0] if negative else "", **settings}
 
@@ -128,7 +142,8 @@ def save_image(image: Image.Image, meta: ImageMeta, out_dir: Path, job_id: str,
     path = image_path(out_dir, job_id, meta.seed, when)
     parameters = parameters_text(meta)
     if sidecar:  # sidecar first: a PNG on disk always has its sidecar
-        record = {"image": path.name, "job_id": job_id, "request": meta.job.to_dict(), "seed": meta.seed,
+        loras = [{"name": r.name, "strength": r.strength, "sha256": meta.lora_hashes.get(r.name)} for r in meta.job.loras]
+        record = {"image": path.name, "job_id": job_id, "request": meta.job.to_dict(), "seed": meta.seed, "loras": loras,
                   "width": meta.width, "height": meta.height, "sampler": meta.sampler, "model": meta.model,
                   "parameters": parameters, "created": when.isoformat(), **meta.extra}
         atomic_write(path.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
@@ -146,7 +161,7 @@ def save_result(result: Result, out_dir: Path, job_id: str, *, model: str, provi
     try:
         for img in result.images:
             meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
-                             sampler=result.sampler, model=model, extra=extra)
+                             sampler=result.sampler, model=model, extra=extra, lora_hashes=result.lora_hashes)
             save_image(img.image, meta, out_dir, job_id, when=when, sidecar=sidecar)
     except OutputError:
         # a partial set would pass for a finished job's output (a replay checks for the files)

@@ -55,6 +55,7 @@ class Result:
     sampler: str
     tokens_dropped: dict[str, int]
     timings: dict[str, float | list[float]] = field(default_factory=dict)
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the file used
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,7 @@ class Pipeline:
         self._sample, self._timestep, self._context = (self.unet.input(i).name for i in range(3))
         self._latent_name = self.vae_decoder.input(0).name
         self.latent_channels = self.unet.shape(self._sample)[1] or 4
-        self.lora = LoraRuntime(self, LoraLibrary(Path(lora.dir).expanduser() if lora.dir else bundle.root / "loras"),
-                                lora.cache_sessions)
+        self.lora = LoraRuntime(self, LoraLibrary.configured(lora, bundle), lora.cache_sessions)
         log.info("loaded %s in %.2f s on %s, tier %s (%s)", bundle.root, self.load_seconds, self.provider,
                  self.plan.tier, ", ".join(f"{c} {p}" for c, p in self.plan.precisions.items()))
 
@@ -295,7 +295,8 @@ class Pipeline:
         timings["total"] = time.perf_counter() - t0
         return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
                       sampler=schedulers.sampler_label(scheduler),
-                      tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings)
+                      tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
+                      lora_hashes=self.lora.hashes(job.loras))
 
 
 @contextmanager
