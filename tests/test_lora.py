@@ -192,3 +192,27 @@ def test_png_parameters_and_sidecar_carry_the_loras(tiny, tmp_path):
     assert params["Lora hashes"] == f"kohya: {sha[:12]}" and params["Model"] == "tiny-sd"
     sidecar = json.loads(path.with_suffix(".json").read_text())
     assert sidecar["loras"] == [{"name": "kohya", "strength": 0.8, "sha256": sha}]
+
+
+def test_cli_lora_flag_generate_and_doctor(tmp_path):
+    import subprocess
+    import sys
+    config = tmp_path / "config.yaml"
+    config.write_text(f"lora:\n  dir: {LORA_DIR}\nmodel:\n  path: {FIXTURES / 'tiny-sd'}\n")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "edge.cli", *args, "--config", str(config)], capture_output=True,
+                              text=True, timeout=120, cwd="/")
+
+    proc = cli("generate", REFERENCE_JOB["prompt"], "--negative", "shadow", "--steps", "8", "--seed", "7",
+               "--scheduler", "euler", "--lora", "kohya:0.5", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    path = Path(proc.stdout.strip())
+    assert psnr(np.asarray(Image.open(path).convert("RGB")), REFERENCE["lora_0.5"]) >= 40
+    assert "<lora:kohya:0.5>" in Image.open(path).info["parameters"]
+    bad = cli("generate", "a gear", "--lora", "kohya:9", "--out", str(tmp_path / "out"))
+    assert bad.returncode == 2 and "loras.kohya.strength: must be between 0 and 1.5, got 9" in bad.stderr
+    doctor = json.loads(cli("doctor").stdout)
+    found = doctor["loras"]["found"]
+    assert set(found) == set(STYLES) and found["kohya_sgm"]["fits"] == {"text_encoder": "8 layers",
+                                                                         "unet": found["peft"]["fits"]["unet"]}
