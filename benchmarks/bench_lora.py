@@ -1,0 +1,91 @@
+"""LoRA switch cost against a cold start of the UNet session, and the memory the session cache takes.
+
+    python benchmarks/bench_lora.py [--model DIR] [--runs 5] [--rank 8]
+
+A seeded kohya LoRA of the given rank on every attention projection, feed-forward and resnet conv1 of
+the UNet (and the text encoder's attention) is written for the model; then, run by run and interleaved:
+a cold UNet session (``make_session``), a switch to a LoRA set not seen before (weights fused, new
+UNet and text encoder sessions), a switch of strength only (also a new set), a switch back to a cached
+set, and back to no LoRA. RSS (VmRSS) is read after each cached session is added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from benchmarks_common import machine  # noqa: E402
+from edge.bundle import load_bundle  # noqa: E402
+from edge.config import LoraConfig  # noqa: E402
+from edge.jobs import LoraRef  # noqa: E402
+from edge.lora_graph import weight_map  # noqa: E402
+from edge.pipeline import Pipeline  # noqa: E402
+from edge.providers import RuntimeOptions, make_session  # noqa: E402
+from lora_files import random_kohya_lora  # noqa: E402
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "q_proj", "v_proj")
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    bundle = load_bundle(args.model)
+    runtime = RuntimeOptions(threads=args.threads)
+    modules = {}
+    for component in ("unet", "text_encoder"):
+        path = bundle.components[component].path
+        for module in weight_map(path)[1]:
+            if module.endswith(TARGETS):
+                modules[module] = (component, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, name in enumerate(("a", "b")):
+            random_kohya_lora(Path(tmp) / f"{name}.safetensors", modules, seed=i, rank=args.rank, alpha=args.rank)
+        size = (Path(tmp) / "a.safetensors").stat().st_size
+        pipe = Pipeline(bundle, runtime, lora=LoraConfig(dir=tmp, cache_sessions=args.runs * 3 + 4))
+        pipe.lora.check((LoraRef("a"), LoraRef("b")))
+        times: dict[str, list[float]] = {k: [] for k in ("cold UNet session", "new LoRA set", "strength change",
+                                                         "cached set", "back to no LoRA")}
+        rss = [rss_mb()]
+        for run in range(args.runs):
+            t0 = time.perf_counter()
+            make_session(bundle.components["unet"].path, runtime, "unet")
+            times["cold UNet session"].append(time.perf_counter() - t0)
+            strength = 0.5 + run * 0.1
+            for key, loras in (("new LoRA set", (LoraRef("a", strength),)),
+                               ("strength change", (LoraRef("a", strength + 0.05),)),
+                               ("cached set", (LoraRef("a", strength),)), ("back to no LoRA", ())):
+                t0 = time.perf_counter()
+                pipe.lora.activate(loras)
+                times[key].append(time.perf_counter() - t0)
+            rss.append(rss_mb())
+    print(f"machine: {machine()}")
+    print(f"model: {bundle.root.name}; LoRA rank {args.rank} on {len(modules)} layers, {size / 1e6:.1f} MB; "
+          f"{args.runs} runs, {args.threads} threads")
+    cold = statistics.median(times["cold UNet session"])
+    for key, values in times.items():
+        median = statistics.median(values)
+        print(f"  {key:20s} median {median * 1000:8.1f} ms  ({median / cold:.2f}x a cold UNet session)")
+    per_run = (rss[-1] - rss[0]) / args.runs
+    print(f"  RSS: {rss[0]:.0f} MB before, {rss[-1]:.0f} MB with {2 * args.runs} cached LoRA sets "
+          f"(UNet + text encoder sessions each): {per_run / 2:.1f} MB per cached set")
+
+
+if __name__ == "__main__":
+    main()
