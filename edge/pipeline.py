@@ -32,6 +32,7 @@ from .lora_apply import LoraLibrary, LoraRuntime
 from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
 from .providers import RuntimeOptions, make_session
 from .tokenizer import ClipTokenizer
+from .vocabulary import prompt_warning
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Result:
     tokens_dropped: dict[str, int]
     timings: dict[str, float | list[float]] = field(default_factory=dict)
     lora_hashes: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the file used
+    warnings: list[str] = field(default_factory=list)  # for the user: e.g. a prompt the model cannot read
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,8 @@ class Pipeline:
         return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
                       sampler=schedulers.sampler_label(scheduler),
                       tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
-                      lora_hashes=self.lora.hashes(job.loras))
+                      lora_hashes=self.lora.hashes(job.loras),
+                      warnings=[w for w in (prompt_warning(self.tokenizer, job.prompt, self.bundle.name),) if w])
 
 
 @contextmanager
