@@ -212,7 +212,20 @@ def test_cli_lora_flag_generate_and_doctor(tmp_path):
     assert "<lora:kohya:0.5>" in Image.open(path).info["parameters"]
     bad = cli("generate", "a gear", "--lora", "kohya:9", "--out", str(tmp_path / "out"))
     assert bad.returncode == 2 and "loras.kohya.strength: must be between 0 and 1.5, got 9" in bad.stderr
-    doctor = json.loads(cli("doctor").stdout)
-    found = doctor["loras"]["found"]
-    assert set(found) == set(STYLES) and found["kohya_sgm"]["fits"] == {"text_encoder": "8 layers",
-                                                                         "unet": found["peft"]["fits"]["unet"]}
+
+
+def test_doctor_lists_the_loras_and_what_each_fits(tmp_path):
+    import subprocess
+    import sys
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    random_kohya_lora(folder / "parts.safetensors", KNOLLING_MODULES, seed=3)
+    shutil.copy(LORA_DIR / "kohya_sgm.safetensors", folder / "tiny.safetensors")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"lora:\n  dir: {folder}\n")
+    proc = subprocess.run([sys.executable, "-m", "edge.cli", "doctor", "--config", str(config)], capture_output=True,
+                          text=True, timeout=120, cwd="/")
+    found = json.loads(proc.stdout)["loras"]["found"]
+    assert found["parts"]["fits"] == {"text_encoder": "2 layers", "unet": "5 layers"}
+    assert found["parts"]["sha256"] == __import__("hashlib").sha256((folder / "parts.safetensors").read_bytes()).hexdigest()
+    assert "another architecture" in found["tiny"]["error"]
