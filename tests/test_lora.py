@@ -42,8 +42,11 @@ def tiny(tmp_path_factory):
     return Pipeline(load_bundle(FIXTURES / "tiny-sd"), RuntimeOptions(threads=1), lora=LoraConfig(dir=str(LORA_DIR)))
 
 
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("strength", [0.5, 1.0])
+FAST = {("peft", 1.0), ("kohya_sgm", 0.5)}  # the fast lane keeps two; the whole suite runs all six
+
+
+@pytest.mark.parametrize("style, strength", [pytest.param(style, s, marks=() if (style, s) in FAST else pytest.mark.slow)
+                                             for style in STYLES for s in (0.5, 1.0)])
 def test_matches_diffusers_fused_lora(tiny, style, strength):
     reference = REFERENCE[f"lora_{strength}"]
     assert psnr(reference, REFERENCE["base"]) < 35  # the LoRA changes the image: the bound below means something
@@ -65,6 +68,7 @@ def test_prompt_tag_is_the_same_as_the_field(tiny):
     assert np.array_equal(tagged, image(tiny, loras=[{"name": "kohya_sgm", "strength": 0.5}]))
 
 
+@pytest.mark.slow
 def test_two_loras_add_and_a_small_cache_evicts(tmp_path):
     pipe = Pipeline(load_bundle(FIXTURES / "tiny-sd"), RuntimeOptions(threads=1),
                     lora=LoraConfig(dir=str(LORA_DIR), cache_sessions=1))
@@ -76,6 +80,7 @@ def test_two_loras_add_and_a_small_cache_evicts(tmp_path):
     assert np.array_equal(image(pipe, loras=[half, {"name": "kohya", "strength": 0.5}]), both)
 
 
+@pytest.mark.slow
 def test_lowmem_tier_applies_the_lora_per_load(tiny):
     plan = replace(fixed_plan(), tier="int8-lowmem", lowmem=True)
     lowmem = Pipeline(load_bundle(FIXTURES / "tiny-sd"), RuntimeOptions(threads=1), plan,
@@ -194,7 +199,8 @@ def test_png_parameters_and_sidecar_carry_the_loras(tiny, tmp_path):
     assert sidecar["loras"] == [{"name": "kohya", "strength": 0.8, "sha256": sha}]
 
 
-def test_cli_lora_flag_generate_and_doctor(tmp_path):
+@pytest.mark.slow
+def test_cli_lora_flag_generate(tmp_path):
     import subprocess
     import sys
     config = tmp_path / "config.yaml"
@@ -214,6 +220,7 @@ def test_cli_lora_flag_generate_and_doctor(tmp_path):
     assert bad.returncode == 2 and "loras.kohya.strength: must be between 0 and 1.5, got 9" in bad.stderr
 
 
+@pytest.mark.slow
 def test_doctor_lists_the_loras_and_what_each_fits(tmp_path):
     import subprocess
     import sys
