@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .onnx_files import model_bytes
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Bundle:
             "path": str(self.root),
             "scheduler": self.scheduler_config.get("_class_name"),
             "components": {
-                name: {precision: path.stat().st_size for precision, path in comp.variants.items()}
+                name: {precision: model_bytes(path) for precision, path in comp.variants.items()}
                 for name, comp in self.components.items()
             },
         }
