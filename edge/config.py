@@ -21,6 +21,7 @@ from .bundle import COMPONENTS
 from .errors import ConfigError
 from .jobs import Defaults, Limits
 from .providers import OPT_LEVELS, RuntimeOptions
+from .tiling import MODES as TILING_MODES
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-lowmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -30,6 +31,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 class ModelConfig:
     path: str | None = None  # None: the embedded model
     precision: str = "auto"
+    decoder: str | None = None  # a VAE decoder folder (e.g. TAESD) used instead of the bundle's
 
 
 @dataclass(frozen=True)
@@ -122,10 +124,11 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": PRECISIONS,
     "runtime.graph_optimization": tuple(OPT_LEVELS),
+    "runtime.vae_tiling": TILING_MODES,
     "log_level": LOG_LEVELS,
     "mqtt.protocol": ("mqttv5", "mqttv311"),
 }
-NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb",
+NON_NEGATIVE = ("runtime.threads", "runtime.vae_tile_size", "memory.headroom_mb",
                 "output.min_free_mb", "output.max_bytes", "output.max_age_days",
                 "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
                 "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",

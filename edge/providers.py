@@ -51,6 +51,8 @@ class RuntimeOptions:
     cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
     memory_arena: bool = True
     prepack: bool = True  # False: weights stay in the file's mapped pages, no second packed copy
+    vae_tiling: str = "auto"  # auto: the lowmem tier tiles when a whole decode would not fit; on; off
+    vae_tile_size: int = 0  # tile side in pixels; 0: the largest that fits the memory budget
 
 
 def physical_cores() -> int:
