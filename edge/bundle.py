@@ -5,7 +5,7 @@
     tokenizer/{vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json}
     text_encoder/model.onnx   (+ config.json)
     unet/model.onnx           (+ config.json; external weights in model.onnx_data or weights.pb)
-    vae_decoder/model.onnx    (+ config.json: scaling_factor, block_out_channels)
+    vae_decoder/model.onnx    (+ config.json: scaling_factor, block_out_channels; or an AutoencoderTiny)
 
 Precision variants sit next to the FP32 file as ``model.fp16.onnx`` and ``model.int8.onnx``.
 Only file presence and JSON are checked here; tensor names, dtypes and shapes are read from the
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "knolling-tiny"
+TINY_DECODER = "AutoencoderTiny"
 
 
 def read_json(path: Path, expected: str, required: bool = True) -> dict[str, Any]:
@@ -66,18 +67,35 @@ class Bundle:
     components: dict[str, Component] = field(default_factory=dict)
 
     @property
+    def tiny_decoder(self) -> bool:
+        """A diffusers AutoencoderTiny (TAESD): it decodes the UNet's latents as they are."""
+        return self.components["vae_decoder"].config.get("_class_name") == TINY_DECODER
+
+    @property
     def vae_scaling_factor(self) -> float:
-        return float(self.components["vae_decoder"].config.get("scaling_factor", 0.18215))
+        # AutoencoderTiny's scaling_factor is 1.0: diffusers divides by it, so TAESD gets the UNet's latents
+        default = 1.0 if self.tiny_decoder else 0.18215
+        return float(self.components["vae_decoder"].config.get("scaling_factor", default))
 
     @property
     def vae_shift_factor(self) -> float:
         return float(self.components["vae_decoder"].config.get("shift_factor") or 0.0)
 
+    def _decoder_blocks(self) -> list[int]:
+        config = self.components["vae_decoder"].config
+        return config.get("decoder_block_out_channels" if self.tiny_decoder else "block_out_channels") or [128] * 4
+
     @property
     def vae_scale(self) -> int:
-        """Pixels per latent cell: 2 ** (number of VAE blocks - 1), 8 for every SD model."""
-        blocks = self.components["vae_decoder"].config.get("block_out_channels", [0] * 4)
-        return 2 ** (len(blocks) - 1)
+        """Pixels per latent cell: 2 ** (number of VAE blocks - 1), 8 for every SD model and TAESD."""
+        factor = self.components["vae_decoder"].config.get("upsampling_scaling_factor", 2) if self.tiny_decoder else 2
+        return factor ** (len(self._decoder_blocks()) - 1)
+
+    @property
+    def vae_channels(self) -> int:
+        """Channels of the decoder's full-resolution block, what its activations scale with."""
+        blocks = self._decoder_blocks()
+        return int(blocks[-1] if self.tiny_decoder else blocks[0])  # TAESD lists them from the latent side
 
     @property
     def native_size(self) -> int | None:
@@ -90,6 +108,9 @@ class Bundle:
             "name": self.name,
             "path": str(self.root),
             "scheduler": self.scheduler_config.get("_class_name"),
+            "decoder": {"path": str(self.components["vae_decoder"].folder),
+                        "class": self.components["vae_decoder"].config.get("_class_name"),
+                        "scaling_factor": self.vae_scaling_factor},
             "components": {
                 name: {precision: model_bytes(path) for precision, path in comp.variants.items()}
                 for name, comp in self.components.items()
@@ -97,8 +118,7 @@ class Bundle:
         }
 
 
-def _component(root: Path, name: str) -> Component:
-    folder = root / name
+def _component(folder: Path, name: str) -> Component:
     variants = {p: folder / f for p, f in VARIANT_FILES.items() if (folder / f).is_file()}
     if "fp32" not in variants:
         raise BundleError(f"{folder / 'model.onnx'}: missing; expected the {name} ONNX model "
@@ -107,8 +127,12 @@ def _component(root: Path, name: str) -> Component:
     return Component(name, folder, config, variants)
 
 
-def load_bundle(path: Path | str | None = None) -> Bundle:
-    """Check a bundle folder and read its small JSON files. ``None`` means the embedded model."""
+def load_bundle(path: Path | str | None = None, decoder: Path | str | None = None) -> Bundle:
+    """Check a bundle folder and read its small JSON files. ``None`` means the embedded model.
+
+    ``decoder``: a VAE decoder folder (``model.onnx`` + ``config.json``, e.g. a TAESD
+    AutoencoderTiny) used instead of the bundle's own ``vae_decoder/``.
+    """
     root = Path(path) if path is not None else EMBEDDED_MODEL
     if not root.is_dir():
         raise BundleError(f"{root}: not a folder; expected a model bundle (model_index.json, unet/, ...)")
@@ -119,7 +143,18 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
     for name, what in (("vocab.json", "the CLIP BPE vocabulary"), ("merges.txt", "the CLIP BPE merges")):
         if not (tokenizer_dir / name).is_file():
             raise BundleError(f"{tokenizer_dir / name}: missing; expected {what}")
-    components = {name: _component(root, name) for name in COMPONENTS}
+    folders = {name: root / name for name in COMPONENTS}
+    if decoder is not None:
+        folders["vae_decoder"] = Path(decoder)
+        if not folders["vae_decoder"].is_dir():
+            raise BundleError(f"model.decoder: {decoder}: not a folder; expected a VAE decoder folder "
+                              f"(model.onnx, config.json)")
+    components = {name: _component(folder, name) for name, folder in folders.items()}
+    unet_out = components["unet"].config.get("out_channels")
+    latent = components["vae_decoder"].config.get("latent_channels")
+    if decoder is not None and None not in (unet_out, latent) and unet_out != latent:
+        raise BundleError(f"model.decoder: {decoder} decodes {latent}-channel latents; the UNet of {root} "
+                          f"makes {unet_out}-channel ones (an SD 1.x/2.x decoder takes 4)")
     log.debug("bundle %s: %s", root, index.get("_class_name"))
     return Bundle(root=root, name=root.name, scheduler_config=scheduler, tokenizer_dir=tokenizer_dir,
                   components=components)

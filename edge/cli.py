@@ -128,7 +128,7 @@ class ProgressBar:
 
 def load_pipeline(config: Config) -> Pipeline:
     """The configured bundle at the most faithful precision tier that fits the memory budget."""
-    bundle = load_bundle(config.model.path)
+    bundle = load_bundle(config.model.path, config.model.decoder)
     headroom = config.memory.headroom_mb * MB
     plan = choose_plan(bundle, read_budget(headroom), config.model.precision)
     log.info("precision tier %s: %s", plan.tier, plan.reason)
@@ -171,7 +171,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "physical_cores": physical_cores(),
         "cpu_flags": _cpu_flags(),
     }
-    bundle = load_bundle(config.model.path)
+    bundle = load_bundle(config.model.path, config.model.decoder)
     budget = read_budget(config.memory.headroom_mb * MB)
     info["memory_budget"] = budget.describe()
     try:
