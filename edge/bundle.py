@@ -6,6 +6,8 @@
     text_encoder/model.onnx   (+ config.json)
     unet/model.onnx           (+ config.json; external weights in model.onnx_data or weights.pb)
     vae_decoder/model.onnx    (+ config.json: scaling_factor, block_out_channels; or an AutoencoderTiny)
+    edge.json                 optional: {"steps": 1, "guidance": 0.0, "scheduler": "euler"}, the
+                              model's recommended job defaults
 
 Precision variants sit next to the FP32 file as ``model.fp16.onnx`` and ``model.int8.onnx``.
 Only file presence and JSON are checked here; tensor names, dtypes and shapes are read from the
@@ -16,11 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
+from .jobs import Defaults
 from .onnx_files import model_bytes
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,11 @@ class Bundle:
     scheduler_config: dict[str, Any]
     tokenizer_dir: Path
     components: dict[str, Component] = field(default_factory=dict)
+    recommended: dict[str, Any] = field(default_factory=dict)  # from edge.json: steps, guidance, scheduler
+
+    def job_defaults(self, defaults: Defaults) -> Defaults:
+        """The ``defaults`` config section with this model's recommendations (edge.json) in place."""
+        return replace(defaults, **self.recommended)
 
     @property
     def tiny_decoder(self) -> bool:
@@ -108,6 +116,7 @@ class Bundle:
             "name": self.name,
             "path": str(self.root),
             "scheduler": self.scheduler_config.get("_class_name"),
+            "recommended": self.recommended,
             "decoder": {"path": str(self.components["vae_decoder"].folder),
                         "class": self.components["vae_decoder"].config.get("_class_name"),
                         "scaling_factor": self.vae_scaling_factor},
@@ -125,6 +134,29 @@ def _component(folder: Path, name: str) -> Component:
                           f"(export with `optimum-cli export onnx --task text-to-image`)")
     config = read_json(folder / "config.json", f"the {name} config as a JSON object", required=False)
     return Component(name, folder, config, variants)
+
+
+RECOMMENDED = {"steps": int, "guidance": (int, float), "scheduler": str}
+
+
+def _recommended(path: Path) -> dict[str, Any]:
+    """A bundle's edge.json: the steps, guidance and scheduler its model is meant to run with."""
+    from .schedulers import NAMES
+    data = read_json(path, 'a JSON object like {"steps": 1, "guidance": 0.0, "scheduler": "euler"}', required=False)
+    for key, value in data.items():
+        kind = RECOMMENDED.get(key)
+        if kind is None:
+            raise BundleError(f"{path}: {key}: unknown key; known keys: {', '.join(RECOMMENDED)}")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BundleError(f"{path}: {key}: must be a {'number' if key == 'guidance' else kind.__name__}, "
+                              f"got {value!r}")
+    if data.get("steps", 1) < 1:
+        raise BundleError(f"{path}: steps: must be 1 or more, got {data['steps']}")
+    if data.get("guidance", 0) < 0:
+        raise BundleError(f"{path}: guidance: must be 0 or more, got {data['guidance']}")
+    if data.get("scheduler", NAMES[0]) not in NAMES:
+        raise BundleError(f"{path}: scheduler: {data['scheduler']!r} is not one of {', '.join(NAMES)}")
+    return {k: float(v) if k == "guidance" else v for k, v in data.items()}
 
 
 def load_bundle(path: Path | str | None = None, decoder: Path | str | None = None) -> Bundle:
@@ -157,4 +189,4 @@ def load_bundle(path: Path | str | None = None, decoder: Path | str | None = Non
                           f"makes {unet_out}-channel ones (an SD 1.x/2.x decoder takes 4)")
     log.debug("bundle %s: %s", root, index.get("_class_name"))
     return Bundle(root=root, name=root.name, scheduler_config=scheduler, tokenizer_dir=tokenizer_dir,
-                  components=components)
+                  components=components, recommended=_recommended(root / "edge.json"))

@@ -8,6 +8,7 @@ import logging
 import platform
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -126,6 +127,13 @@ class ProgressBar:
         self.stream.flush()
 
 
+def with_model_defaults(config: Config) -> Config:
+    """The config with the bundle's recommended steps, guidance and scheduler (its edge.json) as the
+    defaults for jobs that leave them out: a 1-step turbo model should not run 20 steps."""
+    bundle = load_bundle(config.model.path, config.model.decoder)
+    return replace(config, defaults=bundle.job_defaults(config.defaults))
+
+
 def load_pipeline(config: Config) -> Pipeline:
     """The configured bundle at the most faithful precision tier that fits the memory budget."""
     bundle = load_bundle(config.model.path, config.model.decoder)
@@ -136,7 +144,7 @@ def load_pipeline(config: Config) -> Pipeline:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    config = with_model_defaults(config_from_args(args))
     fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
     from . import schedulers
     job = resolve_seed(parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits,
@@ -219,7 +227,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
-    return serve(config_from_args(args))
+    return serve(with_model_defaults(config_from_args(args)))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
