@@ -127,7 +127,9 @@ class Bundle:
         }
 
 
-def _component(folder: Path, name: str) -> Component:
+def _component(root: Path, name: str, folder: Path | None = None) -> Component:
+    """``root / name``, or ``folder`` in its place (``model.decoder``)."""
+    folder = folder or root / name
     variants = {p: folder / f for p, f in VARIANT_FILES.items() if (folder / f).is_file()}
     if "fp32" not in variants:
         raise BundleError(f"{folder / 'model.onnx'}: missing; expected the {name} ONNX model "
@@ -175,13 +177,12 @@ def load_bundle(path: Path | str | None = None, decoder: Path | str | None = Non
     for name, what in (("vocab.json", "the CLIP BPE vocabulary"), ("merges.txt", "the CLIP BPE merges")):
         if not (tokenizer_dir / name).is_file():
             raise BundleError(f"{tokenizer_dir / name}: missing; expected {what}")
-    folders = {name: root / name for name in COMPONENTS}
+    if decoder is not None and not Path(decoder).is_dir():
+        raise BundleError(f"model.decoder: {decoder}: not a folder; expected a VAE decoder folder "
+                          f"(model.onnx, config.json)")
+    components = {name: _component(root, name) for name in COMPONENTS}
     if decoder is not None:
-        folders["vae_decoder"] = Path(decoder)
-        if not folders["vae_decoder"].is_dir():
-            raise BundleError(f"model.decoder: {decoder}: not a folder; expected a VAE decoder folder "
-                              f"(model.onnx, config.json)")
-    components = {name: _component(folder, name) for name, folder in folders.items()}
+        components["vae_decoder"] = _component(root, "vae_decoder", Path(decoder))
     unet_out = components["unet"].config.get("out_channels")
     latent = components["vae_decoder"].config.get("latent_channels")
     if decoder is not None and None not in (unet_out, latent) and unet_out != latent:
