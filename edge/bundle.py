@@ -180,9 +180,8 @@ def load_bundle(path: Path | str | None = None, decoder: Path | str | None = Non
     if decoder is not None and not Path(decoder).is_dir():
         raise BundleError(f"model.decoder: {decoder}: not a folder; expected a VAE decoder folder "
                           f"(model.onnx, config.json)")
-    components = {name: _component(root, name) for name in COMPONENTS}
-    if decoder is not None:
-        components["vae_decoder"] = _component(root, "vae_decoder", Path(decoder))
+    replaced = {"vae_decoder": Path(decoder)} if decoder is not None else {}
+    components = {name: _component(root, name, replaced.get(name)) for name in COMPONENTS}
     unet_out = components["unet"].config.get("out_channels")
     latent = components["vae_decoder"].config.get("latent_channels")
     if decoder is not None and None not in (unet_out, latent) and unet_out != latent:
