@@ -8,7 +8,8 @@ weight falls from 1 to 0 along a half cosine (cos^2 + sin^2 = 1, so the weights 
 one) and the decoder's least reliable pixels, those next to a tile's edge, weigh least. Image
 borders are not feathered. The SD decoder's group norms and mid-block attention see one tile at
 a time, so a tiled image is close to the untiled one, not equal (PSNR figures in
-benchmarks/README.md); convolution-only decoders (AutoencoderTiny) tile almost exactly.
+benchmarks/README.md). Convolution-only decoders (AutoencoderTiny) have no such global terms:
+their tiles differ from the whole only within their receptive field of a tile's edge.
 """
 
 from __future__ import annotations

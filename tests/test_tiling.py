@@ -85,14 +85,15 @@ def test_tiled_decode_psnr_against_whole(tmp_path, source, request):
         assert 33.0 < psnr(a, b) < 60.0  # close, and really tiled (a whole decode would be identical)
 
 
-def test_tiny_decoder_tiles_almost_exactly():
-    """AutoencoderTiny is convolutions only: tiles differ from the whole only near their edges."""
+def test_tiny_decoder_tiles_closely():
+    """AutoencoderTiny is convolutions only: tiles differ from the whole only within its receptive
+    field of their edges (measured 40.7 dB at 64 px tiles, 48.1 at 96, 53.0 at 128)."""
     bundle = load_bundle(FIXTURES / "tiny-sd", FIXTURES / "tiny-decoder")
     whole = Pipeline(bundle, RuntimeOptions(threads=1, vae_tiling="off"))
-    tiled = Pipeline(bundle, RuntimeOptions(threads=1, vae_tiling="on", vae_tile_size=64))
+    tiled = Pipeline(bundle, RuntimeOptions(threads=1, vae_tiling="on", vae_tile_size=96))
     latents = np.random.default_rng(3).standard_normal((1, 4, 24, 40)).astype(np.float32)
     score = psnr(np.asarray(whole.decode(latents)), np.asarray(tiled.decode(latents)))
-    assert score is not None and score > 40.0
+    assert score is not None and 44.0 < score < 70.0
 
 
 SD = dict(scale=8, channels=128)
