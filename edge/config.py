@@ -20,11 +20,28 @@ import yaml
 from .bundle import COMPONENTS
 from .errors import ConfigError
 from .jobs import Defaults, Limits
-from .providers import OPT_LEVELS, RuntimeOptions
-from .tiling import MODES as TILING_MODES
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-lowmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+OPT_LEVEL_NAMES = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimization levels
+VAE_TILING_MODES = ("auto", "on", "off")  # edge.tiling
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are built; the ``runtime`` config section."""
+
+    threads: int = 0  # 0: the number of physical cores
+    providers: tuple[str, ...] = ("cpu",)
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> its options
+    component_providers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. unet -> (xnnpack, cpu)
+    graph_optimization: str = "extended"
+    optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
+    cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
+    memory_arena: bool = True
+    prepack: bool = True  # False: weights stay in the file's mapped pages, no second packed copy
+    vae_tiling: str = "auto"  # auto: the lowmem tier tiles when a whole decode would not fit; on; off
+    vae_tile_size: int = 0  # tile side in pixels; 0: the largest that fits the memory budget
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,7 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class SocketConfig:
     enabled: bool = True
-    path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.socket_api
+    path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.paths
     mode: str = "0660"
 
 
@@ -123,8 +140,8 @@ class Config:
 # Keys whose value must be one of a fixed set; checked after types.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": PRECISIONS,
-    "runtime.graph_optimization": tuple(OPT_LEVELS),
-    "runtime.vae_tiling": TILING_MODES,
+    "runtime.graph_optimization": OPT_LEVEL_NAMES,
+    "runtime.vae_tiling": VAE_TILING_MODES,
     "log_level": LOG_LEVELS,
     "mqtt.protocol": ("mqttv5", "mqttv311"),
 }

@@ -22,7 +22,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "on", "off")
 MIN_TILE = 8  # latent cells (64 px): smaller tiles are mostly overlap
 # Peak activation bytes of a decode per output pixel and per channel of the decoder's
 # full-resolution block (block_out_channels[0] = 128 for SD). Measured on the SD-1.5 VAE decoder

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.cli import ProgressBar
+from edge.console import ProgressBar
 from edge.output import parse_parameters
-from edge.pipeline import Step
+from edge.jobs import Step
 
 
 def cli(*args):
@@ -89,3 +89,12 @@ def test_progress_bar_on_terminal_and_plain_lines_elsewhere():
     assert tty.getvalue().startswith("\r[" + "#" * 15 + "." * 15 + "] image 1/1 step 1/2")
     assert tty.getvalue().endswith("step 2/2 (0.50 s/step)\n") and tty.getvalue().count("\n") == 1
     assert plain.getvalue().splitlines() == ["image 1/1 step 1/2 (0.50 s/step)", "image 1/1 step 2/2 (0.50 s/step)"]
+
+
+def test_quantize_without_onnx_stops_at_once_with_the_install_hint(bundle_copy, monkeypatch, capsys):
+    from edge.cli import main
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    before = sorted(p.name for p in bundle_copy.rglob("*"))
+    assert main(["quantize", str(bundle_copy)]) == 2
+    assert "pip install 'edge-imagegen[quantize]'" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle_copy.rglob("*")) == before  # nothing written, nothing removed

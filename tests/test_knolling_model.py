@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import adherence  # noqa: E402
 
 SEEDS = range(8)
+pytestmark = pytest.mark.slow  # 8 seeds x 20 steps per prompt: the whole suite runs these, the fast lane not
 
 
 def outcomes(pipeline, prompt):

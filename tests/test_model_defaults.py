@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edge.bundle import load_bundle
-from edge.cli import with_model_defaults
+from edge.loader import with_model_defaults
 from edge.config import load_config
 from edge.errors import BundleError
 from edge.jobs import Defaults, parse_job

@@ -10,9 +10,9 @@ import pytest
 
 from edge.bundle import EMBEDDED_MODEL, load_bundle
 from edge.jobs import parse_job
-from edge.manifest import psnr
+from edge.profile import psnr
 from edge.memory import tier_plan
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, record_inputs
 from edge.providers import RuntimeOptions
 from edge.tiling import MIN_TILE, choose_tile, decode_bytes, decode_tiled, feather, starts
 
@@ -60,11 +60,9 @@ def dynamic_decoder(bundle_dir: Path) -> None:
 
 
 def final_latents(pipe: Pipeline, seed: int) -> np.ndarray:
-    pipe.unet.record = None
-    pipe.vae_decoder.record = []
-    pipe.generate(parse_job({"prompt": "knolling of 3 red gears and a blue battery", "seed": seed, "steps": 8}))
-    scaled = pipe.vae_decoder.record[-1][pipe._latent_name]
-    pipe.vae_decoder.record = None
+    with record_inputs(pipe) as recorded:
+        pipe.generate(parse_job({"prompt": "knolling of 3 red gears and a blue battery", "seed": seed, "steps": 8}))
+    scaled = recorded["vae_decoder"][-1][pipe._latent_name]
     return (scaled - pipe.bundle.vae_shift_factor) * pipe.bundle.vae_scaling_factor  # as decode() gets them
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from edge.bundle import load_bundle
 from edge.errors import BundleError
-from edge.manifest import psnr
+from edge.profile import psnr
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions
 

@@ -1,8 +1,5 @@
-"""``variants.json``: what each component variant of a bundle costs and how faithful it is.
-
-Written by ``edge-imagegen quantize`` (how each variant was made, or why it was rejected) and by
-``edge-imagegen profile`` on the device itself (file bytes, peak RSS, load time, per-call latency,
-fidelity). :mod:`edge.memory` reads the peak RSS figures to choose a precision tier.
+"""``edge-imagegen profile``: measure what each variant of a bundle costs on this machine, and how
+faithful it is, into ``variants.json`` (:mod:`edge.variants`); ``quantize`` uses the fidelity check.
 
 Peak RSS is measured in a fresh process per variant: the resident set after loading and running
 the session, minus what the process held before loading it. The variants the int8-lowmem tier
@@ -12,48 +9,28 @@ no arena, lean malloc), since that is what decides whether a small board fits.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import platform
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from .bundle import COMPONENTS, Bundle
 from .jobs import parse_job
-from .memory import Plan, lean_malloc, tier_plan
-from .output import atomic_write
-from .pipeline import Pipeline
+from .memory import fixed_plan, lean_malloc, tier_plan
+from .pipeline import Pipeline, record_inputs
 from .providers import RuntimeOptions, make_session
+from .variants import update_manifest
 
 FIDELITY_JOBS = (
     ("knolling of 2 red gears and a blue battery on a pure white background", 11),
     ("exploded view of a green circuit board and four screws", 12),
     ("flat lay of a yellow spring and a purple lens", 13),
 )
-
-
-def manifest_path(root: Path) -> Path:
-    return Path(root) / "variants.json"
-
-
-def update_manifest(root: Path, change: Callable[[dict], None]) -> dict:
-    """Read variants.json (or start one), apply ``change`` to it, write it back atomically."""
-    path = manifest_path(root)
-    manifest: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    manifest["version"] = 1
-    change(manifest)
-    atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    return manifest
-
-
-def plan_with(precisions: dict[str, str]) -> Plan:
-    full = {c: precisions.get(c, "fp32") for c in COMPONENTS}
-    return Plan("custom", full, 0, False, False, "fidelity check")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -70,7 +47,7 @@ class Fidelity:
         self.reference = self._images({})
 
     def _images(self, precisions: dict[str, str]) -> list[np.ndarray]:
-        pipe = Pipeline(self.bundle, RuntimeOptions(), plan_with(precisions))
+        pipe = Pipeline(self.bundle, RuntimeOptions(), fixed_plan(precisions, "fidelity check"))
         return [np.asarray(pipe.generate(parse_job({"prompt": p, "seed": s, "steps": self.steps})).images[0].image)
                 for p, s in FIDELITY_JOBS]
 
@@ -139,12 +116,10 @@ def measure_lowmem(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndar
 
 def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str, np.ndarray]]:
     """One real input per component, captured from a short FP32 generation at the native size."""
-    pipe = Pipeline(bundle, runtime, plan_with({}))
-    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
-    for model in models.values():
-        model.record = []
-    pipe.generate(parse_job({"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}))
-    return {name: model.record[-1] for name, model in models.items()}
+    pipe = Pipeline(bundle, runtime, fixed_plan(reason="profile"))
+    with record_inputs(pipe) as recorded:
+        pipe.generate(parse_job({"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}))
+    return {name: feeds[-1] for name, feeds in recorded.items()}
 
 
 def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3) -> dict:
