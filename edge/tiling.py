@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 MIN_TILE = 8  # latent cells (64 px): smaller tiles are mostly overlap
 # Peak activation bytes of a decode per output pixel and per channel of the decoder's
 # full-resolution block (block_out_channels[0] = 128 for SD). Measured on the SD-1.5 VAE decoder
-# (peak RSS less RSS after loading, benchmarks/README.md): 19.1 whole at 512 px, 20.4 in 256 px
-# tiles, 23.4 in 128 px tiles (fixed costs weigh more in small tiles); rounded up so that a tile
+# (peak RSS less RSS after loading, benchmarks/README.md): 20.0 whole at 512 px, 21.4 in 256 px
+# tiles, 25.0 in 128 px tiles (fixed costs weigh more in small tiles); rounded up so that a tile
 # sized from the budget stays within it.
-BYTES_PER_PIXEL_CHANNEL = 24
+BYTES_PER_PIXEL_CHANNEL = 26
 
 
 def decode_bytes(pixels: int, channels: int) -> int:
