@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_harness import daemons  # noqa: F401 (fixture)
 from edge.bundle import load_bundle
 from edge.loader import with_model_defaults
 from edge.config import load_config
@@ -70,3 +71,15 @@ def test_generate_and_doctor_use_them(bundle_copy, tmp_path):
     assert (request["steps"], request["guidance"], request["scheduler"]) == (3, 1.0, "euler_a")
     doctor = json.loads(cli("doctor", "--model", str(bundle_copy)).stdout)
     assert doctor["model"]["recommended"] == {"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}
+
+
+def test_serve_uses_them_for_jobs_that_leave_them_out(bundle_copy, daemons):
+    (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}')
+    d = daemons("rec", config={"model": {"path": str(bundle_copy)}}).start()
+    with d.client() as c:
+        for job, steps in (({"prompt": "a gear", "seed": 1}, 2), ({"prompt": "a gear", "seed": 1, "steps": 3}, 3)):
+            messages = list(c.submit_and_watch(job))
+            assert messages[-1]["status"] == "ok", messages[-1]
+            assert [m["step"] for m in messages if m.get("event") == "progress"] == list(range(1, steps + 1))
+            stored = c.request({"op": "get", "id": messages[0]["id"]})["job"]["job"]
+            assert (stored["steps"], stored["guidance"], stored["scheduler"]) == (steps, 1.0, "euler_a")
