@@ -133,6 +133,8 @@ def footprint(bundle: Bundle, manifest: dict, component: str, precision: str,
               lowmem: bool = False) -> tuple[int, bool]:
     """(bytes, measured) for one component variant, run resident or the lowmem tier's way."""
     entry = manifest.get("components", {}).get(component, {}).get(precision, {})
+    if bundle.components[component].folder != bundle.root / component:
+        entry = {}  # a model.decoder folder: variants.json measured the bundle's own decoder
     for key in ("lowmem_peak_rss_bytes", "peak_rss_bytes") if lowmem else ("peak_rss_bytes",):
         if isinstance(entry.get(key), int):
             return entry[key], True

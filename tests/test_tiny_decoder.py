@@ -16,6 +16,7 @@ from PIL import Image
 
 from edge.bundle import load_bundle
 from edge.errors import BundleError
+from edge.memory import MB, footprint
 from edge.profile import psnr
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions
@@ -106,3 +107,16 @@ def test_generate_with_model_decoder_from_the_config(tmp_path):
                            capture_output=True, text=True, timeout=120, cwd="/")
     assert plain.returncode == 0, plain.stderr
     assert not np.array_equal(image, np.asarray(Image.open(plain.stdout.split()[0])))
+
+
+def test_the_bundles_measurements_do_not_stand_for_a_replacement_decoder(tmp_path):
+    shutil.copytree(TINY_SD, tmp_path / "b")
+    measured = {"peak_rss_bytes": 5000 * MB, "lowmem_peak_rss_bytes": 4000 * MB}
+    (tmp_path / "b" / "variants.json").write_text(json.dumps({"version": 1, "components": {
+        "vae_decoder": {"fp32": measured}}}))
+    manifest = json.loads((tmp_path / "b" / "variants.json").read_text())
+    own = load_bundle(tmp_path / "b")
+    assert footprint(own, manifest, "vae_decoder", "fp32") == (5000 * MB, True)
+    replaced = load_bundle(tmp_path / "b", TINY_DECODER)
+    assert footprint(replaced, manifest, "vae_decoder", "fp32", lowmem=True) == (
+        2 * (TINY_DECODER / "model.onnx").stat().st_size, False)
