@@ -16,6 +16,7 @@ from ...errors import ValidationError
 FORMATS = ("b64_json", "url")
 IGNORED = ("model", "quality", "style", "user", "background", "moderation", "output_format")
 KNOWN = ("prompt", "n", "size", "response_format") + IGNORED
+BACK = {"count": "n", "width": "size", "height": "size"}  # job fields as this API names them
 SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 
@@ -40,6 +41,8 @@ def to_job(data: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def error(message: str, field: str | None, kind: str = "invalid_request_error") -> dict[str, Any]:
+    if field in BACK:
+        message, field = f"{BACK[field]}: {message}", BACK[field]  # "n: count: must be between 1 and 8"
     return {"error": {"message": message, "type": kind, "param": field, "code": None}, "field": field}
 
 

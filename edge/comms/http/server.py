@@ -225,7 +225,7 @@ class HttpFrontEnd:
 
     async def get(self, request: web.Request) -> web.Response:
         body = await self.call(self.service.get, request.match_info["id"])
-        return web.json_response(self.with_images(body), status=404 if body["status"] == "error" else 200)
+        return web.json_response(self.with_images(body), status=200 if "job" in body else 404)  # failed jobs: 200
 
     async def cancel(self, request: web.Request) -> web.Response:
         body = await self.call(self.service.cancel, request.match_info["id"])
