@@ -85,8 +85,8 @@ class Step:
     step: int  # 1-based
     steps: int
     seconds: float  # duration of this step
-    # the latents after this step (a numpy array, shared, not copied): previews are made from it
-    # by whoever watches, and only then (edge.preview)
+    # the scheduler's denoised estimate at this step (the predicted final latents; a numpy array,
+    # shared, not copied): previews are made from it by whoever watches, and only then (edge.preview)
     latents: Any = field(default=None, repr=False, compare=False)
 
 

@@ -227,7 +227,7 @@ class Pipeline:
             eps = self._predict_noise(x, float(t), cond, uncond, job.guidance)
             step_noise = gaussian(rng, latents.shape) if scheduler.needs_noise else None
             latents = scheduler.step(eps, i, latents, step_noise)
-            report(i + 1, time.perf_counter() - t0, latents)
+            report(i + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
         return latents
 
     def decode(self, latents: np.ndarray) -> Image.Image:

@@ -27,9 +27,11 @@ import asyncio
 import base64
 import binascii
 import hmac
+import io
 import json
 import logging
 import threading
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -38,6 +40,7 @@ from aiohttp import web
 from ...config import Config
 from ...errors import ConfigError, EdgeError
 from ...jobs import error_body
+from ...service import MAX_HISTORY_PAGE
 from . import compat
 from .replies import HttpError, answer_status
 from .watch import Watchers
@@ -192,6 +195,7 @@ class HttpFrontEnd:
         r.add_delete("/api/jobs/{id}", self.cancel)
         r.add_get("/api/jobs/{id}/events", self.events)
         r.add_get("/images/{path:.+}", self.image)
+        r.add_get("/api/images.zip", self.zip_images)
 
     def _static(self, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handler(request: web.Request) -> web.StreamResponse:
@@ -250,6 +254,19 @@ class HttpFrontEnd:
             headers["Content-Disposition"] = f'attachment; filename="{path.name}"'
         return web.FileResponse(path, headers=headers)
 
+    async def zip_images(self, request: web.Request) -> web.Response:
+        """The images of the jobs named by ``id`` (repeated): the page's "download all"."""
+        ids = request.query.getall("id", [])
+        if not 1 <= len(ids) <= MAX_HISTORY_PAGE:
+            raise HttpError(400, error_body(f"id: name 1 to {MAX_HISTORY_PAGE} jobs, got {len(ids)}", None, "id"))
+        paths: list[Path] = []
+        for job_id in ids:
+            body = await self.call(self.service.get, job_id)
+            paths += [Path(p) for p in body.get("paths", []) if self.image_url(p)]
+        data = await self.call(_zip, paths)
+        return web.Response(body=data, content_type="application/zip",
+                            headers={"Content-Disposition": 'attachment; filename="edge-imagegen.zip"'})
+
     async def events(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["id"]
         queue = self.watchers.open_stream(job_id)  # before looking, so that no event falls between
@@ -278,6 +295,15 @@ class HttpFrontEnd:
                     return response
         finally:
             self.watchers.close_stream(job_id, queue)
+
+
+def _zip(paths: list[Path]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed already
+        for path in paths:
+            if path.is_file():
+                archive.write(path, path.name)
+    return buf.getvalue()
 
 
 async def _send(response: web.StreamResponse, event: str, body: dict[str, Any]) -> None:
