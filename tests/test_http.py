@@ -26,7 +26,8 @@ LONG = {"prompt": "a long job", "steps": 150, "count": 8}  # ~25 s on the embedd
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("http"), "h1",
-               config={"http": {"request_timeout": REQUEST_TIMEOUT * TIMEOUT_SCALE, "max_body_bytes": 32768}})
+               config={"http": {"request_timeout": REQUEST_TIMEOUT * TIMEOUT_SCALE, "max_body_bytes": 32768},
+                       "policy": {"blocked_words": ["forbidden"]}})
     d.start()
     yield d
     d.cleanup()
@@ -189,6 +190,9 @@ def test_a_synchronous_call_past_request_timeout_answers_504_and_the_job_goes_on
     ("/sdapi/v1/txt2img", b'{"prompt": "a gear", "cfg_scale": "high"}', 400, "cfg_scale", "must be a number"),
     ("/sdapi/v1/txt2img", b'{"prompt": "a gear", "sampler_name": "PLMS"}', 400, "sampler_name", "'PLMS'"),
     ("/sdapi/v1/txt2img", b"{", 400, "payload", "not valid JSON"),
+    ("/api/jobs", b'{"prompt": "a forbidden gear"}', 400, "prompt", "rejected: policy"),
+    ("/sdapi/v1/txt2img", b'{"prompt": "a forbidden gear"}', 400, "prompt", "rejected: policy"),
+    ("/v1/images/generations", b'{"prompt": "a forbidden gear"}', 400, "prompt", "rejected: policy"),
     ("/v1/images/generations", b'{"prompt": "a gear", "size": "big"}', 400, "size", "WIDTHxHEIGHT"),
     ("/v1/images/generations", b'{"prompt": "a gear", "n": 99}', 400, "n", "between 1 and 8"),
 ])
@@ -208,7 +212,7 @@ def test_images_outside_the_output_folder_are_404(api, path):
     assert status == 404 and body["status"] == "error", (path, body)
 
 
-def test_a_slow_client_that_never_finishes_its_body_gets_408_and_others_are_served(daemon, api):
+def test_a_slow_client_gets_408_or_is_dropped_and_others_are_served(daemon, api):
     with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as slow, \
             socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as stuck:
         slow.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -219,6 +223,8 @@ def test_a_slow_client_that_never_finishes_its_body_gets_408_and_others_are_serv
         reply = slow.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408"), reply
         assert '"field": "payload"' in reply and "http.request_timeout" in reply
+        assert time.monotonic() - t0 < REQUEST_TIMEOUT * TIMEOUT_SCALE + 5
+        assert stuck.recv(4096) == b""  # headers never finished: dropped after http.request_timeout
         assert time.monotonic() - t0 < REQUEST_TIMEOUT * TIMEOUT_SCALE + 5
     assert daemon.alive()
     assert_healthy(api)

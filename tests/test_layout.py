@@ -93,3 +93,11 @@ def test_submit_and_help_import_neither_onnxruntime_nor_numpy_nor_the_http_serve
         assert "edge.config" in imported and "yaml" in imported  # importtime lists what was loaded
         heavy = {m for m in imported if m.split(".")[0] in ("onnxruntime", "numpy", "PIL", "aiohttp")}
         assert not heavy, f"{argv}: {sorted(heavy)[:5]}"
+
+
+def test_generate_does_not_import_the_http_server(tmp_path):
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edge.cli", "generate", "a red gear", "--steps", "1",
+                          "--out", str(tmp_path)], cwd="/", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+    assert "onnxruntime" in imported and not {m for m in imported if m.split(".")[0] == "aiohttp"}

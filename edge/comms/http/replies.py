@@ -22,6 +22,6 @@ def answer_status(answer: Answer) -> int:
         return 503
     if answer.busy:
         return 429
-    if not answer.accepted:
-        return 400
+    if not answer.accepted or (answer.record is not None and answer.record.state == "rejected"):
+        return 400  # bad input, or refused by the content policy (journaled as rejected all the same)
     return 202 if answer.created else 200

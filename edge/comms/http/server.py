@@ -32,6 +32,7 @@ import json
 import logging
 import threading
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -79,11 +80,13 @@ class HttpFrontEnd:
         self.out_dir = service.out_dir.resolve()
         self.loop = asyncio.new_event_loop()
         self.watchers = Watchers(self.loop, service, service.runner.preview, self.http.preview_every)
-        self.app = web.Application(client_max_size=self.http.max_body_bytes,
-                                   middlewares=[self._guard], handler_args={"max_field_size": 8190})
+        self.app = web.Application(client_max_size=self.http.max_body_bytes, middlewares=[self._guard])
         self._routes()
         compat.add_routes(self.app, self)
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        # keepalive_timeout also runs from the connection's start: a client that never finishes its
+        # request headers is dropped after it (one whose body stalls gets 408, see body())
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                     keepalive_timeout=self.http.request_timeout)
         self.loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, self.http.host, self.http.port, shutdown_timeout=2.0)
         try:
@@ -214,7 +217,7 @@ class HttpFrontEnd:
         from ...schedulers import NAMES
         config, runner = self.config, self.service.runner
         return web.json_response({
-            "status": "ok", "defaults": config.defaults.__dict__, "limits": config.limits.__dict__,
+            "status": "ok", "defaults": asdict(config.defaults), "limits": asdict(config.limits),
             "schedulers": list(NAMES), "model": runner.model, "size": list(runner.size),
             "fixed_size": runner.fixed_size, "examples": list(self.http.examples),
             "kiosk_idle_seconds": self.http.kiosk_idle_seconds, "previews": self.watchers.preview is not None})
