@@ -37,7 +37,8 @@ class PipelineRunner:
         self.provider = pipeline.provider
         self.size = pipeline.default_size()
         self.fixed_size = pipeline.fixed_size
-        self.preview = load_preview(pipeline.bundle.components["vae_decoder"].folder, pipeline.latent_channels)
+        # the bundle's own vae_decoder/: previews map the UNet's latents, whichever decoder model.decoder picks
+        self.preview = load_preview(pipeline.bundle.root / "vae_decoder", pipeline.latent_channels)
 
     def check(self, job: Job) -> None:
         self.pipeline.check(job)
