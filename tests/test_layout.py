@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import edge
 
 PACKAGE = Path(edge.__file__).parent
@@ -95,6 +97,7 @@ def test_submit_and_help_import_neither_onnxruntime_nor_numpy_nor_the_http_serve
         assert not heavy, f"{argv}: {sorted(heavy)[:5]}"
 
 
+@pytest.mark.slow  # loads the model in a subprocess: seconds
 def test_generate_does_not_import_the_http_server(tmp_path):
     run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edge.cli", "generate", "a red gear", "--steps", "1",
                           "--out", str(tmp_path)], cwd="/", capture_output=True, text=True, timeout=120)
