@@ -29,8 +29,9 @@ from .errors import BundleError, CancelledError, ValidationError
 from .config import LoraConfig
 from .jobs import Job, Step
 from .lora_apply import LoraLibrary, LoraRuntime
-from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
+from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, read_budget, trim_heap
 from .providers import RuntimeOptions, make_session
+from .tiling import choose_tile, decode_tiled
 from .tokenizer import ClipTokenizer
 from .vocabulary import prompt_warning
 
@@ -186,6 +187,12 @@ class Pipeline:
         side = self.bundle.native_size or 512
         return side, side
 
+    @property
+    def fixed_size(self) -> bool:
+        """True when the export's UNet has a static latent size (jobs must use default_size)."""
+        _, _, h, w = self.unet.shape(self._sample)
+        return bool(h and w)
+
     def size(self, job: Job) -> tuple[int, int]:
         """Width and height for a job: its own, else the model's."""
         default_w, default_h = self.default_size()
@@ -229,7 +236,7 @@ class Pipeline:
         return (eps_uncond + guidance * (eps_cond - eps_uncond))[None]
 
     def _denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None, job: Job,
-                 scheduler, rng: np.random.Generator, report: Callable[[int, float], None],
+                 scheduler, rng: np.random.Generator, report: Callable[[int, float, np.ndarray], None],
                  cancel: threading.Event | None) -> np.ndarray:
         latents = latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
@@ -240,13 +247,21 @@ class Pipeline:
             eps = self._predict_noise(x, float(t), cond, uncond, job.guidance)
             step_noise = gaussian(rng, latents.shape) if scheduler.needs_noise else None
             latents = scheduler.step(eps, i, latents, step_noise)
-            report(i + 1, time.perf_counter() - t0)
+            report(i + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
         return latents
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         latents = latents / self.bundle.vae_scaling_factor + self.bundle.vae_shift_factor
-        pixels = self.vae_decoder(**{self._latent_name: latents})[0]
-        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+
+        def run(z: np.ndarray) -> np.ndarray:
+            return self.vae_decoder(**{self._latent_name: z})
+
+        _, _, sh, sw = self.vae_decoder.shape(self._latent_name)
+        tile = choose_tile(self.runtime.vae_tiling, self.runtime.vae_tile_size, latents.shape[2:], (sh, sw),
+                           self.bundle.vae_scale, self.bundle.vae_channels, self.plan.lowmem,
+                           lambda: read_budget(self.headroom or 0).bytes)
+        pixels = (decode_tiled(run, latents, tile, self.bundle.vae_scale) if tile else run(latents))[0]
+        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # [-1, 1], AutoencoderTiny's too
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
 
     # --- a whole job -------------------------------------------------------------------------
@@ -276,11 +291,11 @@ class Pipeline:
                         dropped, neg_dropped, self.tokenizer.max_length)
         shape = (1, self.latent_channels, height // self.bundle.vae_scale, width // self.bundle.vae_scale)
 
-        def reporter(k: int) -> Callable[[int, float], None]:
-            def report(step: int, seconds: float) -> None:
+        def reporter(k: int) -> Callable[[int, float, np.ndarray], None]:
+            def report(step: int, seconds: float, latents: np.ndarray) -> None:
                 timings["steps"].append(seconds)
                 if on_step is not None:
-                    on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds))
+                    on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds, latents))
             return report
 
         finals = []
