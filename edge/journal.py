@@ -52,7 +52,7 @@ _COLUMNS = ("id", "job", "state", "seq", "source", "reply", "submitted", "starte
 
 def _record(row: tuple) -> JobRecord:
     values = dict(zip(_COLUMNS, row))
-    values["job"] = Job(**json.loads(values["job"]))
+    values["job"] = Job.from_dict(json.loads(values["job"]))
     values["reply"] = json.loads(values["reply"])
     values["result"] = json.loads(values["result"]) if values["result"] else None
     values["delivered"] = bool(values["delivered"])
