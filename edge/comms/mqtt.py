@@ -6,7 +6,8 @@ Topics, with ``<prefix>`` = ``mqtt.topic_prefix`` (default ``edge-imagegen/<devi
   With ``mqtt.fleet_group`` also ``$share/<group>/<fleet prefix>/jobs``: each message of the
   fleet topic goes to one device of the group.
 - ``<prefix>/status`` (retained): ``online``, or ``offline`` (the last will, and a clean stop).
-- ``<prefix>/state`` (retained JSON): state, queue depth, current job, model, precision, provider.
+- ``<prefix>/state`` (retained JSON): state, queue depth, current job and its step, model, precision,
+  provider, last job; published when a job starts or ends and, throttled like progress, per step.
 - ``<prefix>/jobs/<id>/progress`` (QoS 0): ``{"id", "state": "queued"|"running", "image", "count",
   "step", "steps"}``, at most every ``mqtt.progress_interval`` s (the last step of an image always).
 - ``<prefix>/jobs/<id>/result`` (QoS ``mqtt.qos``): ``{"status": "ok", "id", "paths", "seeds",

@@ -73,15 +73,18 @@ class RequestTopics:
         def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
             if not self.front.accepting:
                 return  # not acknowledged: the broker keeps it for the next run
+            answered = True
             try:
-                reply = reply_of(self.front, message)
-                if not handler(message, reply):
-                    return  # e.g. the service is stopping: left for the next run
+                answered = handler(message, reply_of(self.front, message))
             except Exception as exc:  # answered and acknowledged: never redelivered forever
                 log.exception("request on %s failed", message.topic)
-                self.front._publish(f"{self.front.prefix}/errors",
-                                    error_body(f"internal error on {message.topic}: {type(exc).__name__}"), self.front.qos)
-            client.ack(message.mid, message.qos)
+                try:
+                    self.front._publish(f"{self.front.prefix}/errors", error_body(
+                        f"internal error on {message.topic}: {type(exc).__name__}: {exc}"), self.front.qos)
+                except Exception:
+                    log.exception("could not publish the error either")
+            if answered:  # False: e.g. the service is stopping; left to the broker for the next run
+                client.ack(message.mid, message.qos)
         return on_message
 
     # --- connect ------------------------------------------------------------------------------------
