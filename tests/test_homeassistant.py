@@ -11,7 +11,9 @@ import pytest
 
 from daemon_harness import broker, daemons, listeners, needs_mosquitto, topic_is, wait_until  # noqa: F401
 
-pytestmark = [needs_mosquitto, pytest.mark.slow]
+from edge.comms import homeassistant as ha
+from edge.config import load_config
+
 
 HA = {"mqtt": {"homeassistant": True}}
 
@@ -87,6 +89,8 @@ def all_seven(configs):
     return configs if len(configs) == 7 else None
 
 
+@pytest.mark.slow
+@needs_mosquitto
 def test_discovery_parses_as_home_assistant_expects_and_comes_again_when_it_comes_online(broker, daemons, listeners):
     d = daemons("ha1", broker, HA).start()
     watch = listeners(broker.port, ["homeassistant/#", f"{d.prefix}/state"])
@@ -120,6 +124,8 @@ def test_discovery_parses_as_home_assistant_expects_and_comes_again_when_it_come
     assert d.alive()
 
 
+@pytest.mark.slow
+@needs_mosquitto
 def test_text_command_runs_a_job_and_the_image_entity_gets_the_picture_and_the_button_cancels(broker, daemons,
                                                                                                listeners):
     d = daemons("ha2", broker, HA).start()
@@ -157,6 +163,8 @@ def retained_configs(listeners, port):
     return {m.topic: m.payload for m in probe.messages if m.topic.endswith("/config")}
 
 
+@pytest.mark.slow
+@needs_mosquitto
 def test_ha_remove_and_the_config_switch_remove_the_device(broker, daemons, listeners):
     d = daemons("ha3", broker, HA).start()
     wait_until(lambda: all_seven(retained_configs(listeners, broker.port)), 10, "the discovery configs")
@@ -178,3 +186,16 @@ def test_ha_remove_and_the_config_switch_remove_the_device(broker, daemons, list
     run = subprocess.run([sys.executable, "-m", "edge.cli", "ha-remove", "--config", str(bad)],
                          capture_output=True, text=True, timeout=60, cwd="/")
     assert run.returncode == 2 and "mqtt: cannot connect to 127.0.0.1:1" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_discovery_payloads_in_process_fit_the_schema_and_name_what_removal_empties():
+    config = load_config(None, {"mqtt.homeassistant": True, "mqtt.discovery_prefix": "homeassistant",
+                                "limits.max_prompt_chars": 2000})
+    messages = ha.discovery(config, "pi.5", "edge-imagegen/pi.5", "knolling-tiny", "9.9")
+    for topic, config_payload in messages:
+        check_discovery(topic, config_payload, "edge-imagegen/pi.5")
+        assert "/edge_imagegen_pi_5/" in topic  # '.' is not allowed in a discovery topic's node id
+    text = dict(messages)["homeassistant/text/edge_imagegen_pi_5/prompt/config"]
+    assert text["max"] == 255  # Home Assistant's own bound on a text state, under limits.max_prompt_chars
+    assert [t for t, _ in messages] == ha.config_topics(config, "pi.5")
+    assert ha.prompt_job(" a red gear\n".encode()) == {"prompt": "a red gear"}
