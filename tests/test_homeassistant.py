@@ -55,6 +55,8 @@ def check_discovery(topic, config, prefix):
     assert re.fullmatch(r"[a-zA-Z0-9_-]+", config["unique_id"])  # a device needs a unique_id to register
     device = config["device"]
     assert set(device) <= DEVICE and device["identifiers"] and {"name", "model", "sw_version"} <= set(device)
+    # since 2023.8 an entity name is the entity's own part; one that repeats the device name is warned about
+    assert not config["name"].lower().startswith(device["name"].lower())
     assert set(config["origin"]) <= ORIGIN and config["origin"]["name"]
     assert (config["availability_topic"], config["payload_available"], config["payload_not_available"]) == \
         (f"{prefix}/status", "online", "offline")
