@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import paho.mqtt.client as mqtt
 
 from .. import __version__
-from ..jobs import error_body, state_body, valid_id
+from ..errors import ValidationError
+from ..jobs import decode_payload, error_body, state_body, valid_id
 from . import homeassistant as ha
 
 if TYPE_CHECKING:
@@ -128,15 +129,10 @@ class RequestTopics:
         return True
 
     def _history(self, message: mqtt.MQTTMessage, reply: dict[str, Any]) -> bool:
-        request: Any = {}
-        if message.payload.strip():
-            try:
-                request = json.loads(message.payload)
-            except (ValueError, RecursionError):
-                request = None
-        if not isinstance(request, dict):
-            body = error_body('payload: must be empty or a JSON object like {"limit": 20, "before": "<id>"}',
-                              None, "payload")
+        try:  # empty, or {"limit": N, "before": ID}
+            request = decode_payload(message.payload, self.front.config.limits) if message.payload.strip() else {}
+        except ValidationError as exc:
+            body = error_body(str(exc), None, exc.field)
         else:
             body = self.front.service.history(request.get("limit", 20), request.get("before"))
         self._answer(f"{self.front.prefix}/history", body, reply)
