@@ -291,3 +291,13 @@ def test_list_pages_across_250_jobs_newest_first(served, tmp_path):
     assert [j["id"] for line in proc.stdout.splitlines() for j in json.loads(line)["jobs"]] == ids[:100][::-1]
     proc = cli("history", "--limit", "0", "--socket", str(s.path))
     assert proc.returncode == 2 and "error: limit: must be an integer between 1 and 500" in proc.stderr
+
+
+def test_an_off_domain_prompt_warns_in_the_result(served):
+    s = served()
+    with s.client() as c:  # one connection per watch: the server closes it after the result
+        result = list(c.submit_and_watch({"id": "cat", "prompt": "a cat on a sofa", "steps": 2}))[-1]
+    with s.client() as c:
+        known = list(c.submit_and_watch({"id": "gear", "prompt": "knolling of 3 red gears", "steps": 2}))[-1]
+    assert result["status"] == "ok" and "unknown: cat, sofa" in result["warnings"][0]
+    assert "warnings" not in known
