@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import edge
 
 PACKAGE = Path(edge.__file__).parent
@@ -64,6 +66,11 @@ def test_no_import_cycles():
         visit(name)
 
 
+def _transport(name: str) -> str:
+    """edge.comms.<transport>[.<its modules>]: a front end may be one module or a package of them."""
+    return ".".join(name.split(".")[:3])
+
+
 def _is_front_end(path: Path) -> bool:
     """A module that defines a front end: a class with the FrontEnd protocol's methods."""
     for node in ast.walk(ast.parse(path.read_text())):
@@ -77,12 +84,14 @@ def _is_front_end(path: Path) -> bool:
 def test_front_ends_import_only_downward():
     modules = _modules()
     comms = [n for n in modules if n.startswith("edge.comms.")]
-    front_ends = {n for n in comms if _is_front_end(modules[n])}
-    assert {"edge.comms.mqtt", "edge.comms.unix_socket"} <= front_ends
-    for name in comms:  # a front end's helper modules (images, Home Assistant) are fine; another front end is not
+    transports = {_transport(n) for n in comms if _is_front_end(modules[n])}  # a module or package with a front end
+    assert {"edge.comms.mqtt", "edge.comms.unix_socket", "edge.comms.http"} <= transports
+    for name in comms:
         imported = _imports(name, modules[name], set(modules))
         assert not imported & {"edge.daemon", "edge.cli"}, (name, imported)
-        assert not imported & front_ends, (name, imported)
+        # a front end's helper modules (images, Home Assistant) are fine; another transport's modules are not
+        others = {i for i in imported if _transport(i) in transports and _transport(i) != _transport(name)}
+        assert not others, (name, others)
 
 
 def test_no_module_is_long():
@@ -90,7 +99,7 @@ def test_no_module_is_long():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-def test_submit_history_and_help_import_neither_onnxruntime_nor_numpy():
+def test_submit_history_and_help_import_neither_onnxruntime_nor_numpy_nor_the_http_server():
     nowhere = "/nonexistent/edge-imagegen.sock"
     for argv, status in ((["submit", "--help"], 0), (["--help"], 0), (["submit", "a gear", "--socket", nowhere], 2),
                          (["history", "--help"], 0), (["history", "--socket", nowhere], 2)):
@@ -99,5 +108,14 @@ def test_submit_history_and_help_import_neither_onnxruntime_nor_numpy():
         assert run.returncode == status, run.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
         assert "edge.config" in imported and "yaml" in imported  # importtime lists what was loaded
-        heavy = {m for m in imported if m.split(".")[0] in ("onnxruntime", "numpy", "PIL")}
+        heavy = {m for m in imported if m.split(".")[0] in ("onnxruntime", "numpy", "PIL", "aiohttp")}
         assert not heavy, f"{argv}: {sorted(heavy)[:5]}"
+
+
+@pytest.mark.slow  # loads the model in a subprocess: seconds
+def test_generate_does_not_import_the_http_server(tmp_path):
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edge.cli", "generate", "a red gear", "--steps", "1",
+                          "--out", str(tmp_path)], cwd="/", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+    assert "onnxruntime" in imported and not {m for m in imported if m.split(".")[0] == "aiohttp"}
