@@ -196,7 +196,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
-    return serve(config_from_args(args))
+    return serve(config_from_args(args), load_config=lambda: config_from_args(args))  # again on SIGHUP
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -79,6 +79,8 @@ class SocketConfig:
     enabled: bool = True
     path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.paths
     mode: str = "0660"
+    allow_uids: tuple[int, ...] = ()  # with allow_groups: who may connect (SO_PEERCRED); both empty: socket.mode decides
+    allow_groups: tuple[str, ...] = ()  # group names; a member (primary or supplementary group) may connect
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class MqttConfig:
     progress_interval: float = 0.5
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 60
+    tcp_nodelay: bool = True  # send small packets (PUBACK, progress) at once; see benchmarks/README.md
 
 
 @dataclass(frozen=True)
