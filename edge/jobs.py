@@ -175,31 +175,7 @@ def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
                                          f"no field takes one") from None
     if not isinstance(data, dict):
         raise ValidationError("payload", f"must be a JSON object, got {type(data).__name__}")
-    where = _surrogate_path(data)
-    if where is not None:
-        raise ValidationError(where, "has a lone surrogate (a \\ud800-\\udfff escape without its pair); "
-                                     "it is not Unicode text")
     return data
-
-
-def _surrogate_path(data: dict[str, Any]) -> str | None:
-    """The dotted path of the first key or string holding a lone surrogate, or None (iterative:
-    the nesting is as deep as the client made it)."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, str):
-            if unencodable(value) is not None:
-                return path or "payload"
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                name = f"{path}.{key}" if path else key
-                if unencodable(key) is not None:
-                    return path or "payload"
-                stack.append((name, item))
-        elif isinstance(value, list):
-            stack.extend((path, item) for item in value)
-    return None
 
 
 def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Defaults = Defaults()) -> Job:

@@ -117,6 +117,7 @@ class Journal:
         self._queue_cond = threading.Condition()
         self._closed = False
         self._committer: threading.Thread | None = None
+        self.group_commits = 0  # transactions that committed submissions (jobs per commit, for the benchmark)
 
     def _migrate(self) -> None:
         have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
@@ -210,6 +211,7 @@ class Journal:
             for item in batch:
                 item.future.set_exception(exc)
             return
+        self.group_commits += 1
         for item, result, exc in outcomes:  # only now: each is acknowledged after its commit
             if exc is not None:
                 item.future.set_exception(exc)

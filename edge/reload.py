@@ -38,5 +38,5 @@ def reload(intake: Intake, load: Callable[[], Config]) -> list[str]:
     else:
         log.info("reload: the config has no change in %s; nothing to apply", ", ".join(RELOADABLE))
     if restart:
-        log.warning("reload: %s changed but take effect only after a restart", ", ".join(restart))
+        log.warning("reload: %s changed; that takes effect only after a restart", ", ".join(restart))
     return changed
