@@ -207,6 +207,14 @@ def topic_is(topic: str) -> Callable[[mqtt.MQTTMessage], bool]:
     return lambda m: m.topic == topic
 
 
+def response_props(topic: str, correlation: bytes = b"c") -> Properties:
+    """MQTT 5 PUBLISH properties asking for the answers on ``topic`` with ``correlation``."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    props.CorrelationData = correlation
+    return props
+
+
 # --- the daemon ---------------------------------------------------------------------------------------
 class Daemon:
     """``python -m edge.cli serve`` in a subprocess, with NOTIFY_SOCKET pointing at the test."""

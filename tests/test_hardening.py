@@ -14,11 +14,8 @@ import time
 
 import pytest
 import yaml
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from daemon_harness import (TIMEOUT_SCALE, broker, daemons, listeners, needs_mosquitto, topic_is,  # noqa: F401
-                            wait_until)
+from daemon_harness import (TIMEOUT_SCALE, broker, daemons, listeners, needs_mosquitto, response_props,  # noqa: F401
+                            topic_is, wait_until)
 from edge.comms.mqtt import MqttFrontEnd
 from edge.config import load_config
 from edge.journal import Journal
@@ -30,13 +27,6 @@ pytestmark = pytest.mark.slow
 
 def payload(m):
     return json.loads(m.payload)
-
-
-def response_props(topic, correlation=b"c"):
-    props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = topic
-    props.CorrelationData = correlation
-    return props
 
 
 # --- 1. every message answered, on both front ends, also after a restart ------------------------------

@@ -217,8 +217,6 @@ class SocketServer:
                 line, overflow = _read_line(reader, self.service.config.limits.max_payload_bytes)
                 if line is None:
                     break
-                if not line.strip():
-                    continue
                 if not self._answer(conn, line, peer) or overflow:
                     break  # the rest of an overlong line cannot be told from the next request
         except OSError:
