@@ -121,6 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if n:
             print(f"warning: {name} is longer than {pipeline.tokenizer.max_length} tokens; "
                   f"{n} tokens were dropped", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     paths = save_result(result, Path(config.output.dir).expanduser().resolve(), job.id, model=pipeline.bundle.name,
                         provider=pipeline.provider, precision=pipeline.precision, sidecar=config.output.sidecar)
     steps = result.timings["steps"]
@@ -136,6 +138,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .memory import MB, choose_plan, read_budget
     from .providers import physical_cores
+    from .tokenizer import ClipTokenizer
+    from .vocabulary import known_words
     config = config_from_args(args)
     info: dict[str, Any] = {
         "edge-imagegen": __version__,
@@ -156,6 +160,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except EdgeError as exc:
         info["precision"] = {"error": str(exc)}
     info["model"] = bundle.summary()
+    tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir)
+    words = known_words(tokenizer)
+    info["model"]["known_words"] = words if len(tokenizer.vocab) < 5000 else f"a CLIP vocabulary ({len(words)} words)"
     print(json.dumps(info, indent=2))
     return 0
 
@@ -230,6 +237,8 @@ def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO =
                 if message["status"] != "ok":
                     print(f"error: {message['error']}", file=err)
                     return 2
+                for warning in message.get("warnings", ()):
+                    print(f"warning: {warning}", file=err)
                 for p in message["paths"]:
                     print(p, file=out)
                 return 0

@@ -30,6 +30,7 @@ from .jobs import Job, Step
 from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
 from .providers import RuntimeOptions, make_session
 from .tokenizer import ClipTokenizer
+from .vocabulary import prompt_warning
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class Result:
     sampler: str
     tokens_dropped: dict[str, int]
     timings: dict[str, float | list[float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the user: e.g. a prompt the model cannot read
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,8 @@ class Pipeline:
         timings["total"] = time.perf_counter() - t0
         return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
                       sampler=schedulers.sampler_label(scheduler),
-                      tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings)
+                      tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
+                      warnings=[w for w in (prompt_warning(self.tokenizer, job.prompt, self.bundle.name),) if w])
 
 
 @contextmanager

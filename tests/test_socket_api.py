@@ -235,6 +235,15 @@ def test_socket_activation_uses_fd_3_and_never_unlinks(tmp_path, daemons):
     listener.close()
 
 
+def test_an_off_domain_prompt_warns_in_the_result(served):
+    s = served()
+    with s.client() as c:
+        result = list(c.submit_and_watch({"id": "cat", "prompt": "a cat on a sofa", "steps": 2}))[-1]
+        known = list(c.submit_and_watch({"id": "gear", "prompt": "knolling of 3 red gears", "steps": 2}))[-1]
+    assert result["status"] == "ok" and "unknown: cat, sofa" in result["warnings"][0]
+    assert "warnings" not in known
+
+
 # --- hardening (issue 12) -------------------------------------------------------------------------------
 HOSTILE_LINES = [  # each once closed the connection without a reply, or was accepted and failed later
     (b"[" * 3000, "payload", "nested too deeply"),
