@@ -94,7 +94,11 @@ class Intake:
     def submit_payload(self, payload: bytes | str, source: str, reply: dict[str, Any] | None = None,
                        dedup_key: str | None = None, redelivery: bool = False) -> Answer:
         """Decode, validate, police and journal one raw request. Never raises for bad input."""
-        return self.submit_payload_later(payload, source, reply, dedup_key, redelivery).result()
+        try:
+            data = decode_payload(payload, self.config.limits)
+        except ValidationError as exc:
+            return Answer(error_body(str(exc), None, exc.field))
+        return self.submit_data(data, source, reply, dedup_key, redelivery)
 
     def submit_payload_later(self, payload: bytes | str, source: str, reply: dict[str, Any] | None = None,
                              dedup_key: str | None = None, redelivery: bool = False) -> Future:
@@ -108,36 +112,54 @@ class Intake:
     def submit_data(self, data: dict[str, Any], source: str, reply: dict[str, Any] | None = None,
                     dedup_key: str | None = None, redelivery: bool = False,
                     peer: dict[str, int] | None = None) -> Answer:
-        return self.submit_data_later(data, source, reply, dedup_key, redelivery, peer).result()
+        answer, committed, job_id, rule = self._submit(data, source, reply, dedup_key, redelivery, peer)
+        if answer is not None:
+            return answer
+        assert committed is not None
+        committed.exception()  # wait for the group commit; what follows runs on this thread, not the committer's
+        return self._committed(committed, job_id, source, rule)
 
     def submit_data_later(self, data: dict[str, Any], source: str, reply: dict[str, Any] | None = None,
                           dedup_key: str | None = None, redelivery: bool = False,
                           peer: dict[str, int] | None = None) -> Future:
+        """As :meth:`submit_data`, without waiting for the journal's commit: a future of the Answer,
+        completed on the journal's committer thread."""
+        answer, committed, job_id, rule = self._submit(data, source, reply, dedup_key, redelivery, peer)
+        if answer is not None:
+            return _done(answer)
+        assert committed is not None
+        future: Future = Future()
+
+        def done(result: Future) -> None:
+            try:
+                future.set_result(self._committed(result, job_id, source, rule))
+            except BaseException as exc:  # a bug: the front end answers it as an internal error
+                future.set_exception(exc)
+
+        committed.add_done_callback(done)
+        return future
+
+    def _submit(self, data: dict[str, Any], source: str, reply: dict[str, Any] | None, dedup_key: str | None,
+                redelivery: bool, peer: dict[str, int] | None) -> tuple[Answer | None, Future | None, str, str | None]:
+        """Validate, police and queue for the journal: (the Answer, None, ...) for a refusal, else
+        (None, the commit's future, the job id, the policy rule that matched)."""
         job_id = valid_id(data.get("id"))  # only to address the reply; parse_job decides
         if not self.accepting:
-            return _done(Answer(error_body("stopping: the daemon is shutting down; try again later", job_id),
-                                stopping=True))
+            return Answer(error_body("stopping: the daemon is shutting down; try again later", job_id),
+                          stopping=True), None, "", None
         rules = self._rules  # one set of rules for the whole submission, even across a reload
         try:
             job = parse_job(data, rules.config.limits, rules.config.defaults)
             self.runner.check(job)  # every check a job can fail, before it is accepted
         except ValidationError as exc:
-            return _done(Answer(error_body(str(exc), job_id, exc.field)))
+            return Answer(error_body(str(exc), job_id, exc.field)), None, "", None
         job = admit(job)  # id and seed fixed before the commit, so that a replay draws the very same image
         verdict = rules.policy.check(job.prompt)
         state, error = ("queued", None) if verdict.allowed else ("rejected", POLICY_ERROR)
         committed = self.journal.submit_later(job, source, reply, dedup_key, redelivery, state=state, error=error,
                                               peer=peer)
-        answer: Future = Future()
-
-        def done(future: Future) -> None:
-            try:
-                answer.set_result(self._committed(future, job.id, source, verdict.rule))
-            except BaseException as exc:  # a bug: the front end answers it as an internal error
-                answer.set_exception(exc)
-
-        committed.add_done_callback(done)
-        return answer
+        assert job.id is not None
+        return None, committed, job.id, verdict.rule
 
     def _committed(self, future: Future, job_id: str, source: str, rule: str | None) -> Answer:
         try:
