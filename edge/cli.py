@@ -108,9 +108,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .loader import load_pipeline
+    from .loader import load_pipeline, with_model_defaults
     from .output import save_result
-    config = config_from_args(args)
+    config = with_model_defaults(config_from_args(args))
     fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
     job = parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits, config.defaults)
     pipeline = load_pipeline(config)
@@ -151,7 +151,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "physical_cores": physical_cores(),
         "cpu_flags": _cpu_flags(),
     }
-    bundle = load_bundle(config.model.path)
+    bundle = load_bundle(config.model.path, config.model.decoder)
     budget = read_budget(config.memory.headroom_mb * MB)
     info["memory_budget"] = budget.describe()
     try:
@@ -203,7 +203,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
-    return serve(config_from_args(args), load_config=lambda: config_from_args(args))  # again on SIGHUP
+    from .loader import with_model_defaults
+
+    def load() -> Config:  # at start, and again on SIGHUP
+        return with_model_defaults(config_from_args(args))
+
+    return serve(load(), load_config=load)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

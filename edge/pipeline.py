@@ -27,8 +27,9 @@ from . import schedulers
 from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
 from .jobs import Job, Step
-from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
+from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, read_budget, trim_heap
 from .providers import RuntimeOptions, make_session
+from .tiling import choose_tile, decode_tiled
 from .tokenizer import ClipTokenizer
 from .vocabulary import prompt_warning
 
@@ -228,8 +229,16 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         latents = latents / self.bundle.vae_scaling_factor + self.bundle.vae_shift_factor
-        pixels = self.vae_decoder(**{self._latent_name: latents})[0]
-        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+
+        def run(z: np.ndarray) -> np.ndarray:
+            return self.vae_decoder(**{self._latent_name: z})
+
+        _, _, sh, sw = self.vae_decoder.shape(self._latent_name)
+        tile = choose_tile(self.runtime.vae_tiling, self.runtime.vae_tile_size, latents.shape[2:], (sh, sw),
+                           self.bundle.vae_scale, self.bundle.vae_channels, self.plan.lowmem,
+                           lambda: read_budget(self.headroom or 0).bytes)
+        pixels = (decode_tiled(run, latents, tile, self.bundle.vae_scale) if tile else run(latents))[0]
+        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # [-1, 1], AutoencoderTiny's too
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
 
     # --- a whole job -------------------------------------------------------------------------
