@@ -108,6 +108,9 @@ def _serve(config: Config, state: Path, make_runner: Callable[[Config], Runner],
         front_ends.append(socket_server)
     if config.mqtt.enabled:
         front_ends.append(MqttFrontEnd(config, service))
+    if config.http.enabled:
+        from .comms.http.server import HttpFrontEnd  # aiohttp: only for a daemon that serves HTTP
+        front_ends.append(HttpFrontEnd(config, service))
     service.start()
     for front_end in front_ends:
         front_end.start()

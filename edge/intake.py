@@ -39,6 +39,7 @@ class Answer:
     created: bool = False
     accepted: bool = False
     stopping: bool = False  # refused because the daemon is shutting down: do not acknowledge
+    busy: bool = False  # refused for now (the queue is full, the journal cannot be written): try again later
     retry: bool = False  # not taken for now (the journal cannot be written): do not acknowledge, offer it again
 
     @property
@@ -165,14 +166,14 @@ class Intake:
         try:
             record, created = future.result()
         except BusyError as exc:
-            return Answer(error_body(str(exc), job_id))
+            return Answer(error_body(str(exc), job_id), busy=True)
         except sqlite3.Error as exc:  # disk full, I/O error: not taken, the client or broker tries again
             if not self._journal_failing:
                 log.error("the journal %s cannot be written (%s); refusing jobs with busy until it can",
                           self.journal.path, exc)
             self._journal_failing = True
             return Answer(error_body(f"busy: the journal cannot be written ({exc}); try again later", job_id),
-                          retry=True)
+                          busy=True, retry=True)
         if self._journal_failing:
             self._journal_failing = False
             log.info("the journal %s can be written again; taking jobs", self.journal.path)

@@ -17,7 +17,7 @@ import re
 import secrets
 import sys
 import uuid
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ValidationError
@@ -86,6 +86,9 @@ class Step:
     step: int  # 1-based
     steps: int
     seconds: float  # duration of this step
+    # the scheduler's denoised estimate at this step (the predicted final latents; a numpy array,
+    # shared, not copied): previews are made from it by whoever watches, and only then (edge.preview)
+    latents: Any = field(default=None, repr=False, compare=False)
 
 
 # --- validation ----------------------------------------------------------------------------------

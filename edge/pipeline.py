@@ -171,6 +171,12 @@ class Pipeline:
         side = self.bundle.native_size or 512
         return side, side
 
+    @property
+    def fixed_size(self) -> bool:
+        """True when the export's UNet has a static latent size (jobs must use default_size)."""
+        _, _, h, w = self.unet.shape(self._sample)
+        return bool(h and w)
+
     def size(self, job: Job) -> tuple[int, int]:
         """Width and height for a job: its own, else the model's."""
         default_w, default_h = self.default_size()
@@ -213,7 +219,7 @@ class Pipeline:
         return (eps_uncond + guidance * (eps_cond - eps_uncond))[None]
 
     def _denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None, job: Job,
-                 scheduler, rng: np.random.Generator, report: Callable[[int, float], None],
+                 scheduler, rng: np.random.Generator, report: Callable[[int, float, np.ndarray], None],
                  cancel: threading.Event | None) -> np.ndarray:
         latents = latents * scheduler.init_noise_sigma
         for i, t in enumerate(scheduler.timesteps):
@@ -224,7 +230,7 @@ class Pipeline:
             eps = self._predict_noise(x, float(t), cond, uncond, job.guidance)
             step_noise = gaussian(rng, latents.shape) if scheduler.needs_noise else None
             latents = scheduler.step(eps, i, latents, step_noise)
-            report(i + 1, time.perf_counter() - t0)
+            report(i + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
         return latents
 
     def decode(self, latents: np.ndarray) -> Image.Image:
@@ -267,11 +273,11 @@ class Pipeline:
                         dropped, neg_dropped, self.tokenizer.max_length)
         shape = (1, self.latent_channels, height // self.bundle.vae_scale, width // self.bundle.vae_scale)
 
-        def reporter(k: int) -> Callable[[int, float], None]:
-            def report(step: int, seconds: float) -> None:
+        def reporter(k: int) -> Callable[[int, float, np.ndarray], None]:
+            def report(step: int, seconds: float, latents: np.ndarray) -> None:
                 timings["steps"].append(seconds)
                 if on_step is not None:
-                    on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds))
+                    on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds, latents))
             return report
 
         finals = []

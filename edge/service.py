@@ -30,7 +30,7 @@ from typing import Any, Callable
 from . import __version__, disk
 from .config import Config
 from .errors import CancelledError, EdgeError, ValidationError
-from .intake import Intake
+from .intake import Answer, Intake  # noqa: F401 (Answer: front ends type against edge.service.Answer)
 from .jobs import JobEvent, JobRecord, Step, cancel_body, error_body, history_entry, progress_body, state_body, valid_id
 from .journal import Journal
 from .notify import Notifier
