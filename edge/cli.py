@@ -219,7 +219,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
     from .loader import with_model_defaults
-    return serve(with_model_defaults(config_from_args(args)))
+
+    def load() -> Config:  # at start, and again on SIGHUP
+        return with_model_defaults(config_from_args(args))
+
+    return serve(load(), load_config=load)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -294,7 +298,7 @@ def _print_history(jobs: list[dict[str, Any]]) -> None:
 
 def cmd_ha_remove(args: argparse.Namespace) -> int:
     from .comms.homeassistant import remove_discovery
-    from .comms.mqtt import one_off_client
+    from .comms.mqtt_connection import one_off_client
     from .service import default_device_id
     config = config_from_args(args)
     device_id = default_device_id(config)

@@ -84,6 +84,8 @@ class SocketConfig:
     enabled: bool = True
     path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.paths
     mode: str = "0660"
+    allow_uids: tuple[int, ...] = ()  # with allow_groups: who may connect (SO_PEERCRED); both empty: socket.mode decides
+    allow_groups: tuple[str, ...] = ()  # group names; a member (primary or supplementary group) may connect
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class MqttConfig:
     homeassistant: bool = False  # Home Assistant MQTT discovery
     discovery_prefix: str = "homeassistant"
     homeassistant_remove: bool = False  # publish empty discovery configs at connect: HA forgets the device
+    tcp_nodelay: bool = True  # send small packets (PUBACK, progress) at once; see benchmarks/README.md
 
 
 @dataclass(frozen=True)

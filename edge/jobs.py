@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -103,24 +104,49 @@ class Step:
 
 
 # --- validation ----------------------------------------------------------------------------------
+SHOWN_CHARS = 40  # of a refused value in an error message: enough to recognise it, never the whole payload
+
+
+def shown(value: Any) -> str:
+    """A short repr of a client's value for an error message (any size, any nesting depth)."""
+    if isinstance(value, (dict, list)):
+        return f"of {len(value)} items"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**SHOWN_CHARS:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+
+
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise ValidationError(name, f"must be an integer, got {type(value).__name__} {value!r}")
+            raise ValidationError(name, f"must be an integer, got {type(value).__name__} {shown(value)}")
     if not lo <= value <= hi:
-        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
+        raise ValidationError(name, f"must be between {lo} and {hi}, got {shown(value)}")
     return value
 
 
 def _float(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(name, f"must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not lo <= value <= hi:  # also rejects NaN
-        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {value:g}")
-    return value
+        raise ValidationError(name, f"must be a number, got {type(value).__name__} {shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range: outside every limit
+        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {shown(value)}") from None
+    if not lo <= number <= hi:  # also rejects NaN
+        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {number:g}")
+    return number
+
+
+def unencodable(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 def _text(name: str, value: Any, max_chars: int, required: bool) -> str:
@@ -132,6 +158,10 @@ def _text(name: str, value: Any, max_chars: int, required: bool) -> str:
         raise ValidationError(name, f"is {len(value)} characters, the limit is {max_chars}")
     if "\x00" in value:
         raise ValidationError(name, "must not contain NUL characters")
+    bad = unencodable(value)
+    if bad is not None:  # JSON's "\ud800" escape: text no file, topic or PNG chunk can hold
+        raise ValidationError(name, f"has a lone surrogate (U+{ord(value[bad]):04X}) at character {bad}; "
+                                    f"it is not Unicode text")
     return value
 
 
@@ -143,16 +173,21 @@ def _side(name: str, value: Any, limits: Limits) -> int | None:
 
 def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
     """Turn raw bytes from a front end into a JSON object, or raise ValidationError."""
-    size = len(payload.encode() if isinstance(payload, str) else payload)
+    size = len(payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload)
     if size > limits.max_payload_bytes:
         raise ValidationError("payload", f"is {size} bytes, the limit is {limits.max_payload_bytes}")
     try:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
         data = json.loads(text)
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:  # invalid UTF-8 bytes, or a str with lone surrogates
         raise ValidationError("payload", f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValidationError("payload", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ValidationError("payload", "is nested too deeply to decode") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ValidationError("payload", f"holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                                         f"no field takes one") from None
     if not isinstance(data, dict):
         raise ValidationError("payload", f"must be a JSON object, got {type(data).__name__}")
     return data
@@ -165,7 +200,7 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
     """
     unknown = sorted(set(data) - set(JOB_FIELDS))
     if unknown:
-        raise ValidationError(unknown[0], f"is not a job field; known fields: {', '.join(JOB_FIELDS)}")
+        raise ValidationError(unknown[0][:64], f"is not a job field; known fields: {', '.join(JOB_FIELDS)}")
     if "prompt" not in data:
         raise ValidationError("prompt", "is required")
 
@@ -246,6 +281,7 @@ class JobRecord:
     result: dict[str, Any] | None
     error: str | None
     delivered: bool  # the front end confirmed the result reached its client or broker
+    peer: dict[str, int] | None = None  # the socket client's {"uid", "gid", "pid"} (SO_PEERCRED)
 
     @property
     def finished_state(self) -> bool:
@@ -254,7 +290,7 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "job": self.job.to_dict(), "source": self.source,
                 "submitted": self.submitted, "started": self.started, "finished": self.finished,
-                "attempts": self.attempts, "result": self.result, "error": self.error}
+                "attempts": self.attempts, "result": self.result, "error": self.error, "peer": self.peer}
 
 
 # --- wire bodies ----------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ class Broker:
                  f"log_dest file {folder / 'mosquitto.log'}", "log_type error", "log_type warning",
                  "log_type notice", "log_type information", "max_queued_messages 100000",
                  f"user {getpass.getuser()}"]  # when run as root, do not drop to user mosquitto
+        lines += list(extra)  # more mosquitto.conf lines (benchmarks: set_tcp_nodelay)
         if persistence:
             lines += ["persistence true", f"persistence_location {folder}/", "autosave_interval 1",
                       "autosave_on_changes true"]
@@ -208,12 +209,21 @@ def topic_is(topic: str) -> Callable[[mqtt.MQTTMessage], bool]:
     return lambda m: m.topic == topic
 
 
+def response_props(topic: str, correlation: bytes = b"c") -> Properties:
+    """MQTT 5 PUBLISH properties asking for the answers on ``topic`` with ``correlation``."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    props.CorrelationData = correlation
+    return props
+
+
 # --- the daemon ---------------------------------------------------------------------------------------
 class Daemon:
     """``python -m edge.cli serve`` in a subprocess, with NOTIFY_SOCKET pointing at the test."""
 
     def __init__(self, folder: Path, name: str = "d1", broker: Broker | None = None,
-                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None):
+                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 python: str = sys.executable):
         self.folder = folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -244,6 +254,7 @@ class Daemon:
         self.config_path = self.folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(base))
         self.extra_env = env or {}
+        self.python = python  # another interpreter runs another installation (benchmarks: before/after)
         self.proc: subprocess.Popen | None = None
         self.notes: list[str] = []
         self.notes_cond = threading.Condition()
@@ -293,7 +304,7 @@ class Daemon:
         with self.notes_cond:
             self.notes = []
         env = {**os.environ, "NOTIFY_SOCKET": self._open_notify(), **self.extra_env}
-        argv = [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config_path)]
+        argv = [self.python, "-m", "edge.cli", "serve", "--config", str(self.config_path)]
         subscribed = self.log().count("subscribed to the job topics")
         log = open(self.log_path, "ab")
         # cwd "/": `-m edge.cli` imports the installed package (./test.sh), not the source tree

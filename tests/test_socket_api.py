@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon_harness import MODEL_REFUSALS, Daemon, daemons, images_by_job, short_dir  # noqa: F401 (fixture)
+from daemon_harness import MODEL_REFUSALS, Daemon, daemons, images_by_job, short_dir, wait_until  # noqa: F401 (fixture)
 from edge.config import load_config
 from edge.runner import PipelineRunner
 from edge.service import Service
@@ -301,3 +301,87 @@ def test_an_off_domain_prompt_warns_in_the_result(served):
         known = list(c.submit_and_watch({"id": "gear", "prompt": "knolling of 3 red gears", "steps": 2}))[-1]
     assert result["status"] == "ok" and "unknown: cat, sofa" in result["warnings"][0]
     assert "warnings" not in known
+
+
+# --- hardening (issue 12) -------------------------------------------------------------------------------
+HOSTILE_LINES = [  # each once closed the connection without a reply, or was accepted and failed later
+    (b"[" * 3000, "payload", "nested too deeply"),
+    (b'{"op": "submit", "job": {"prompt": "a", "seed": 1' + b"0" * 5000 + b"}}", "payload", "4300 digits"),
+    (b'{"op": "submit", "job": {"prompt": "a", "guidance": 1' + b"0" * 400 + b"}}", "guidance", "401 digits"),
+    (b'{"op": "submit", "job": {"prompt": "a\\ud800 gears"}}', "prompt", "lone surrogate"),
+    (b'{"op": "submit", "job": {"prompt": "a", "id": "x\\n"}}', "id", "must be 1 to 64 characters"),
+    (b'{"op": "watch", "id": {"a": [' + b"[" * 500 + b"]" * 500 + b"]}}", "id", "no job"),
+    (b'{"op": "get", "id": [1, 2]}', "id", "no job"),
+    (b"\xed\xa0\x80", "payload", "is not UTF-8"),  # a surrogate encoded as UTF-8 bytes
+]
+
+
+def test_hostile_lines_are_each_answered_and_the_connection_keeps_taking_jobs(served):
+    s = served()
+    with s.client() as c:
+        for line, field, words in HOSTILE_LINES:
+            reply = c.request(line + b"\n")
+            assert reply["status"] == "error" and reply["field"] == field and words in reply["error"], (line[:50], reply)
+        result = list(c.submit_and_watch({"id": "after", "prompt": "a gear", "steps": 2}))[-1]
+    assert result["status"] == "ok" and all(Path(p).is_file() for p in result["paths"])
+    assert [r.id for r in s.journal.history()] == ["after"]  # none of the hostile ones was stored
+
+
+def test_a_broken_listening_socket_is_bound_again_and_shown_degraded_meanwhile(served):
+    s = served(start=False)
+    s.service.supervisor.min_delay = 0.5
+    s.server.sock.shutdown(socket.SHUT_RDWR)  # accept() now fails with EINVAL: the socket itself is broken
+    wait_until(lambda: s.service.status()["degraded"] == ["socket-accept"], 10, "the accept thread to be down")
+    wait_until(lambda: s.service.status()["degraded"] == [], 10, "the accept thread to be back")
+    with s.client() as c:
+        assert c.request({"op": "status"})["degraded"] == []
+        assert c.request({"op": "submit", "job": {"prompt": "a gear", "steps": 1}})["status"] == "queued"
+    assert s.service.supervisor.healthy()
+
+
+def test_a_socket_that_cannot_come_back_stops_the_watchdog(tmp_path, pipeline):
+    from test_daemon import NotifyReceiver  # noqa: PLC0415 (a helper of that module)
+    from edge.notify import Notifier
+    receiver = NotifyReceiver()
+    s = Served(tmp_path, pipeline)
+    s.service.notifier = Notifier(receiver.path, watchdog_usec=100_000)
+    s.service.supervisor.min_delay, s.service.supervisor.max_restarts = 0.05, 2
+    s.start_worker()
+    try:
+        assert receiver.drain(0.5).count("WATCHDOG=1") >= 2
+        s.server.sock.shutdown(socket.SHUT_RDWR)
+        s.path.unlink()
+        s.path.write_text("not a socket")  # every rebind fails: the thread cannot come back
+        wait_until(lambda: not s.service.supervisor.healthy(), 10, "the supervisor to give up")
+        receiver.drain(0.3)
+        assert "WATCHDOG=1" not in receiver.drain(0.5)  # systemd restarts the daemon
+        assert s.service.status()["degraded"] == ["socket-accept"]
+    finally:
+        s.path.unlink(missing_ok=True)
+        s.close()
+        receiver.close()
+
+
+def test_the_peer_uid_and_gid_are_kept_in_the_journal_and_the_sidecar(served):
+    s = served()
+    with s.client() as c:
+        result = list(c.submit_and_watch({"id": "who", "prompt": "a gear", "steps": 2}))[-1]
+    me = {"uid": os.getuid(), "gid": os.getgid()}
+    assert s.journal.get("who").peer == me
+    sidecar = json.loads(Path(result["paths"][0]).with_suffix(".json").read_text())
+    assert sidecar["submitted_by"] == me
+
+
+def test_the_allow_list_refuses_other_uids_and_admits_listed_ones_and_groups(served):
+    import grp
+    s = served(start=False, **{"socket.allow_uids": [os.getuid() + 4242]})
+    with s.client() as c:
+        reply = c.receive()  # refused at connect, before any request
+    assert reply["status"] == "error" and reply["error"].startswith(f"permission: uid {os.getuid()} ")
+    my_group = grp.getgrgid(os.getgid()).gr_name
+    for allowed in ({"socket.allow_uids": [os.getuid()]}, {"socket.allow_groups": [my_group]}):
+        t = served(start=False, **allowed)
+        with t.client() as c:
+            assert c.request({"op": "status"})["status"] == "ok"
+    with pytest.raises(EdgeError, match="socket.allow_groups: there is no group 'no-such-group-x'"):
+        served(start=False, **{"socket.allow_groups": ["no-such-group-x"]})

@@ -27,25 +27,14 @@ import paho.mqtt.client as mqtt
 
 from .. import __version__
 from ..errors import ValidationError
-from ..jobs import decode_payload, error_body, state_body, valid_id
+from ..jobs import decode_payload, error_body
+from ..mqtt_guard import topic_problem
 from . import homeassistant as ha
 
 if TYPE_CHECKING:
     from .mqtt import MqttFrontEnd
 
 log = logging.getLogger(__name__)
-
-
-def reply_of(front: MqttFrontEnd, message: mqtt.MQTTMessage) -> dict[str, Any]:
-    """Where an answer goes besides its usual topic: an MQTT 5 ResponseTopic and its CorrelationData."""
-    reply: dict[str, Any] = {"fleet": False}
-    props = message.properties
-    if front.v5 and props is not None and getattr(props, "ResponseTopic", None):
-        reply["response_topic"] = props.ResponseTopic
-        correlation = getattr(props, "CorrelationData", None)
-        if correlation is not None:
-            reply["correlation"] = correlation.hex()
-    return reply
 
 
 class RequestTopics:
@@ -76,7 +65,14 @@ class RequestTopics:
                 return  # not acknowledged: the broker keeps it for the next run
             answered = True
             try:
-                answered = handler(message, reply_of(self.front, message))
+                reply = self.front._reply_of(message)
+                problem = topic_problem(reply["response_topic"]) if "response_topic" in reply else None
+                if problem is not None:  # never published to: answered on the errors topic instead
+                    del reply["response_topic"]
+                    self._answer(f"{self.front.prefix}/errors",
+                                 error_body(f"ResponseTopic: {problem}", None, "ResponseTopic"), reply)
+                else:
+                    answered = handler(message, reply)
             except Exception as exc:  # answered and acknowledged: never redelivered forever
                 log.exception("request on %s failed", message.topic)
                 try:
@@ -85,7 +81,7 @@ class RequestTopics:
                 except Exception:
                     log.exception("could not publish the error either")
             if answered:  # False: e.g. the service is stopping; left to the broker for the next run
-                client.ack(message.mid, message.qos)
+                self.front._ack(message)
         return on_message
 
     # --- connect ------------------------------------------------------------------------------------
@@ -117,15 +113,13 @@ class RequestTopics:
     def _get(self, message: mqtt.MQTTMessage, reply: dict[str, Any]) -> bool:
         job_id = message.topic.split("/")[-2]
         prefix, service = self.front.prefix, self.front.service
-        record = service.journal.get(job_id) if valid_id(job_id) else None
-        if record is None:
-            body = service.get(job_id)  # the error naming the id
-            self._answer(f"{prefix}/jobs/{body['id']}/result" if body.get("id") else f"{prefix}/errors", body, reply)
-        elif record.finished_state:
+        record = service.record(job_id)
+        if record is not None and record.finished_state:
             self._answer(f"{prefix}/jobs/{record.id}/result", self.front._result_with_images(record), reply)
-        else:
-            self._answer(f"{prefix}/jobs/{record.id}/progress", state_body(record, service.journal.position(record.id)),
-                         reply)
+            return True
+        body = service.get(job_id)  # queued or running: where it stands; unknown: the error naming the id
+        topic = "result" if body["status"] == "error" else "progress"
+        self._answer(f"{prefix}/jobs/{body['id']}/{topic}" if body.get("id") else f"{prefix}/errors", body, reply)
         return True
 
     def _history(self, message: mqtt.MQTTMessage, reply: dict[str, Any]) -> bool:
@@ -168,7 +162,7 @@ class RequestTopics:
         if answer.stopping:
             return False
         self.front._reply(answer, reply)
-        return True
+        return not answer.retry  # the journal cannot be written: busy, and left to the broker to offer again
 
     def _homeassistant_status(self, message: mqtt.MQTTMessage, reply: dict[str, Any]) -> bool:
         if message.payload.strip() == b"online":
