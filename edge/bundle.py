@@ -6,6 +6,7 @@
     text_encoder/model.onnx   (+ config.json)
     unet/model.onnx           (+ config.json; external weights in model.onnx_data or weights.pb)
     vae_decoder/model.onnx    (+ config.json: scaling_factor, block_out_channels)
+    vae_encoder/model.onnx    optional: only image-to-image, inpainting and instruction editing use it
 
 Precision variants sit next to the FP32 file as ``model.fp16.onnx`` and ``model.int8.onnx``.
 Only file presence and JSON are checked here; tensor names, dtypes and shapes are read from the
@@ -25,7 +26,9 @@ from .errors import BundleError
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+OPTIONAL_COMPONENTS = ("vae_encoder",)
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+EXPORT_COMMAND = "optimum-cli export onnx --task text-to-image --model MODEL_ID DEST"
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "knolling-tiny"
 
 
@@ -65,6 +68,10 @@ class Bundle:
     components: dict[str, Component] = field(default_factory=dict)
 
     @property
+    def vae_encoder(self) -> Component | None:
+        return self.components.get("vae_encoder")
+
+    @property
     def vae_scaling_factor(self) -> float:
         return float(self.components["vae_decoder"].config.get("scaling_factor", 0.18215))
 
@@ -101,7 +108,7 @@ def _component(root: Path, name: str) -> Component:
     variants = {p: folder / f for p, f in VARIANT_FILES.items() if (folder / f).is_file()}
     if "fp32" not in variants:
         raise BundleError(f"{folder / 'model.onnx'}: missing; expected the {name} ONNX model "
-                          f"(export with `optimum-cli export onnx --task text-to-image`)")
+                          f"(export with `{EXPORT_COMMAND}`)")
     config = read_json(folder / "config.json", f"the {name} config as a JSON object", required=False)
     return Component(name, folder, config, variants)
 
@@ -119,6 +126,7 @@ def load_bundle(path: Path | str | None = None) -> Bundle:
         if not (tokenizer_dir / name).is_file():
             raise BundleError(f"{tokenizer_dir / name}: missing; expected {what}")
     components = {name: _component(root, name) for name in COMPONENTS}
+    components.update({name: _component(root, name) for name in OPTIONAL_COMPONENTS if (root / name).is_dir()})
     log.debug("bundle %s: %s", root, index.get("_class_name"))
     return Bundle(root=root, name=root.name, scheduler_config=scheduler, tokenizer_dir=tokenizer_dir,
                   components=components)

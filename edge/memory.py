@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import COMPONENTS, Bundle
+from .bundle import Bundle
 from .errors import MemoryBudgetError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def footprint(bundle: Bundle, manifest: dict, component: str, precision: str,
 
 def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:
     precisions = {}
-    for comp in COMPONENTS:
+    for comp in bundle.components:  # the optional vae_encoder too, where the bundle has one
         variants = bundle.components[comp].variants
         precisions[comp] = next(p for p in TIERS[tier] if p in variants)
     lowmem = tier == "int8-lowmem"

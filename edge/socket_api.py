@@ -11,7 +11,7 @@ Requests (``op`` picks the operation; every reply has ``status``: ``ok``, ``queu
     {"op": "watch", "id": "..."}     -> {"event": "started"|"progress", ...} lines, then one
                                         {"event": "result", "status": "ok"|"error", ...} line
 
-The request line is the payload that ``limits.max_payload_bytes`` bounds. The socket is
+The request line is the payload that ``limits.max_request_bytes`` bounds (the job, plus its images). The socket is
 ``socket.path`` (default ``$RUNTIME_DIRECTORY/edge-imagegen.sock``) created with ``socket.mode``
 (0660: the service's user and group), or the one systemd passes on fd 3 (socket activation,
 ``LISTEN_FDS``/``LISTEN_PID``); an activated socket belongs to systemd and is never unlinked.
@@ -199,7 +199,7 @@ class SocketServer:
         try:
             reader = conn.makefile("rb")
             while True:
-                line, overflow = _read_line(reader, self.limits.max_payload_bytes)
+                line, overflow = _read_line(reader, self.limits.max_request_bytes)
                 if line is None:
                     break
                 if not line.strip():
@@ -286,7 +286,7 @@ class SocketServer:
 def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
     """One line (without the newline); (None, False) at end of stream.
 
-    A line longer than ``limit`` is read on up to HARD_LINE_CAP so that decode_payload can name
+    A line longer than ``limit`` is read on up to HARD_LINE_CAP (or twice the limit) so that decode_payload can name
     its size; past that the connection is dropped (overflow True).
     """
     line = reader.readline(limit + 2)
@@ -294,7 +294,7 @@ def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
         return None, False
     if line.endswith(b"\n") or len(line) < limit + 2:
         return line.rstrip(b"\r\n"), False
-    rest = reader.readline(HARD_LINE_CAP - len(line))
+    rest = reader.readline(max(HARD_LINE_CAP, 2 * limit) - len(line))
     line += rest
     overflow = not line.endswith(b"\n")
     return line.rstrip(b"\r\n"), overflow
