@@ -14,7 +14,8 @@ from typing import Any, Sequence
 from . import __version__
 from .bundle import COMPONENTS, load_bundle
 from .config import Config, load_config
-from .errors import EdgeError
+from .errors import EdgeError, ValidationError
+from .images import RESIZE_MODES, b64encode
 from .memory import MB, choose_plan, read_budget
 from .jobs import parse_job, resolve_seed
 from .output import save_result
@@ -22,7 +23,9 @@ from .pipeline import Pipeline, Step
 
 log = logging.getLogger("edge")
 
-JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler")
+JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler",
+             "strength", "mask_blur", "resize_mode", "image_guidance")
+IMAGE_FLAGS = ("init_image", "mask")  # file paths on the command line, base64 in the job
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,6 +46,25 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
+    p.add_argument("--init-image", metavar="PATH", help="start from this image (PNG, JPEG, WebP): image to image")
+    p.add_argument("--strength", type=float, help="0-1: how much of the schedule runs (default 0.75; 1 with --mask)")
+    p.add_argument("--mask", metavar="PATH", help="inpaint: white = repaint, black = keep (needs --init-image)")
+    p.add_argument("--mask-blur", type=int, help="mask blur radius in pixels (default 4)")
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, help="fit the init image to the size (default just_resize)")
+    p.add_argument("--image-guidance", type=float, help="InstructPix2Pix models: image guidance scale (default 1.5)")
+
+
+def _job_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """Flags given on the command line as job fields; image paths read and base64-encoded."""
+    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name in IMAGE_FLAGS:
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                fields[name] = b64encode(Path(path).expanduser().read_bytes())
+            except OSError as exc:
+                raise ValidationError(name, f"{path}: cannot read the file ({exc.strerror})") from None
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,12 +159,14 @@ def load_pipeline(config: Config) -> Pipeline:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
+    fields = _job_fields(args, JOB_FLAGS)
     from . import schedulers
     job = resolve_seed(parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits,
                                  config.defaults, schedulers.NAMES))
     pipeline = load_pipeline(config)
     result = pipeline.generate(job, on_step=ProgressBar())
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     for name, n in result.tokens_dropped.items():
         if n:
             print(f"warning: {name} is longer than {pipeline.tokenizer.max_length} tokens; "
@@ -226,7 +250,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .socket_api import client_socket_path, run_submit
     config = config_from_args(args)
     # the fields go to the daemon as given: it validates them (one validator for every front end)
-    job = {name: getattr(args, name) for name in (*JOB_FLAGS, "priority", "id") if getattr(args, name) is not None}
+    job = _job_fields(args, (*JOB_FLAGS, "priority", "id"))
     return run_submit(args.socket or client_socket_path(config), {"prompt": args.prompt, **job},
                       wait=not args.no_wait)
 
