@@ -71,3 +71,12 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="no space left"):
         atomic_write(tmp_path / "x.png", b"x" * 100000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_edit_settings_follow_the_model_as_automatic1111_writes_them():
+    from edge.output import parameters_text
+    meta = ImageMeta(job=parse_job({"prompt": "make it blue", "steps": 20, "guidance": 7}), seed=5, width=512,
+                     height=512, sampler="Euler", model="pix2pix", extra={},
+                     settings={"Denoising strength": "0.6", "Mask blur": "4", "Image CFG scale": "1.5"})
+    assert parameters_text(meta).endswith("Model: pix2pix, Denoising strength: 0.6, Mask blur: 4, Image CFG scale: 1.5")
+    assert parse_parameters(parameters_text(meta))["Image CFG scale"] == "1.5"
