@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from .bundle import COMPONENTS, load_bundle
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, load_bundle
 from .config import Config, load_config
 from .errors import EdgeError, ValidationError
 from .images import RESIZE_MODES, b64encode
@@ -87,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--prompts", type=int, default=6, help="calibration prompts to run (at most 6)")
     quant.add_argument("--max-feeds", type=int, default=48,
                        help="calibration inputs kept per component (more: better ranges, longer calibration)")
-    quant.add_argument("--only", action="append", choices=COMPONENTS, metavar="COMPONENT",
-                       help="quantize only this component: text_encoder, unet or vae_decoder (repeatable;"
-                       " e.g. again after it ran out of memory)")
+    quant.add_argument("--only", action="append", choices=COMPONENTS + OPTIONAL_COMPONENTS, metavar="COMPONENT",
+                       help="quantize only this component: text_encoder, unet, vae_decoder or vae_encoder "
+                       "(repeatable; e.g. again after it ran out of memory)")
     quant.add_argument("--precision", action="append", choices=("fp16", "int8"),
                        help="write only this variant (repeatable; default both)")
     quant.add_argument("--min-psnr", type=float, default=20.0,
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("model_dir", type=Path)
     prof.add_argument("--config", type=Path, help="YAML config (its runtime section is used)")
     prof.add_argument("--calls", type=int, default=3)
+    prof.add_argument("--only", action="append", choices=COMPONENTS + OPTIONAL_COMPONENTS, metavar="COMPONENT",
+                      help="measure only this component (repeatable; the others' entries are kept)")
     return parser
 
 
@@ -227,7 +229,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     logging.getLogger("edge").setLevel(logging.INFO)
     manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
                                fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds,
-                               components=tuple(args.only or COMPONENTS),
+                               components=tuple(args.only) if args.only else None,
                                precisions=tuple(args.precision or ("fp16", "int8")))
     print(json.dumps(manifest["components"], indent=2))
     return 0
@@ -236,7 +238,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from .manifest import profile_bundle
     config = load_config(args.config)
-    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls)
+    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls,
+                              components=tuple(args.only) if args.only else None)
     print(json.dumps(manifest, indent=2))
     return 0
 

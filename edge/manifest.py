@@ -12,6 +12,7 @@ no arena, lean malloc), since that is what decides whether a small board fits.
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import platform
@@ -22,8 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
-from .bundle import COMPONENTS, Bundle
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, Bundle
+from .images import b64encode
 from .jobs import parse_job
 from .memory import Plan, lean_malloc, tier_plan
 from .output import atomic_write
@@ -51,8 +54,15 @@ def update_manifest(root: Path, change: Callable[[dict], None]) -> dict:
     return manifest
 
 
+def png_base64(image: Image.Image) -> str:
+    """An image as an edit job's init_image field."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return b64encode(buf.getvalue())
+
+
 def plan_with(precisions: dict[str, str]) -> Plan:
-    full = {c: precisions.get(c, "fp32") for c in COMPONENTS}
+    full = {c: precisions.get(c, "fp32") for c in COMPONENTS + OPTIONAL_COMPONENTS}
     return Plan("custom", full, 0, False, False, "fidelity check")
 
 
@@ -67,12 +77,18 @@ class Fidelity:
 
     def __init__(self, bundle: Bundle, steps: int = 8):
         self.bundle, self.steps = bundle, steps
+        self.edit_input: str | None = None  # with a VAE encoder: the FP32 first image, edited by img2img
         self.reference = self._images({})
+        if bundle.vae_encoder is not None:
+            self.edit_input = png_base64(Image.fromarray(self.reference[0]))
+            self.reference = self._images({})
 
     def _images(self, precisions: dict[str, str]) -> list[np.ndarray]:
         pipe = Pipeline(self.bundle, RuntimeOptions(), plan_with(precisions))
-        return [np.asarray(pipe.generate(parse_job({"prompt": p, "seed": s, "steps": self.steps})).images[0].image)
-                for p, s in FIDELITY_JOBS]
+        jobs = [{"prompt": p, "seed": s, "steps": self.steps} for p, s in FIDELITY_JOBS]
+        if self.edit_input is not None:
+            jobs.append({**jobs[0], "init_image": self.edit_input, "strength": 0.5})
+        return [np.asarray(pipe.generate(parse_job(job)).images[0].image) for job in jobs]
 
     def score(self, precisions: dict[str, str]) -> dict[str, Any]:
         images = self._images(precisions)
@@ -141,19 +157,25 @@ def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str,
     """One real input per component, captured from a short FP32 generation at the native size."""
     pipe = Pipeline(bundle, runtime, plan_with({}))
     models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
+    if pipe.vae_encoder is not None:
+        models["vae_encoder"] = pipe.vae_encoder
     for model in models.values():
         model.record = []
-    pipe.generate(parse_job({"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}))
+    job = {"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}
+    image = pipe.generate(parse_job(job)).images[0].image
+    if pipe.vae_encoder is not None:  # the encoder's input: that image, as an img2img job gives it
+        pipe.generate(parse_job({**job, "steps": 2, "init_image": png_base64(image), "strength": 0.5}))
     return {name: model.record[-1] for name, model in models.items()}
 
 
-def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3) -> dict:
-    """Measure every variant on this machine and record it in variants.json."""
+def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3,
+                   components: tuple[str, ...] | None = None) -> dict:
+    """Measure every variant of ``components`` (None: all) on this machine and record it in variants.json."""
     feeds = sample_feeds(bundle, runtime)
     check = Fidelity(bundle)
     results: dict[str, dict[str, dict]] = {}
     lowmem = tier_plan(bundle, {}, "int8-lowmem").precisions
-    for comp in COMPONENTS:
+    for comp in components or tuple(bundle.components):
         results[comp] = {}
         for precision, path in bundle.components[comp].variants.items():
             entry = {"bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),

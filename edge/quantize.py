@@ -29,7 +29,7 @@ import numpy as np
 from .bundle import COMPONENTS, VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
-from .manifest import Fidelity, single_items, update_manifest
+from .manifest import Fidelity, png_base64, single_items, update_manifest
 from .memory import Plan, trim_heap
 from .pipeline import Pipeline
 from .providers import RuntimeOptions
@@ -75,10 +75,15 @@ def capture(bundle: Bundle, steps: int, max_feeds: int, prompts: int) -> Calibra
     """Run FP32 generations and keep the inputs each component saw, thinned to ``max_feeds``."""
     pipe = Pipeline(bundle, RuntimeOptions(), fp32_plan())
     models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
+    if pipe.vae_encoder is not None:
+        models["vae_encoder"] = pipe.vae_encoder
     for model in models.values():
         model.record = []
     for seed, prompt in enumerate(CALIBRATION_PROMPTS[:prompts]):
-        pipe.generate(parse_job({"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}))
+        job = {"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}
+        image = pipe.generate(parse_job(job)).images[0].image
+        if pipe.vae_encoder is not None:  # the encoder sees what the model draws, through an img2img job
+            pipe.generate(parse_job({**job, "init_image": png_base64(image), "strength": 0.5}))
     feeds = {}
     for name, model in models.items():
         recorded = model.record or []
@@ -258,10 +263,11 @@ def _remove_variant(folder: Path, precision: str) -> None:
 
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
                     prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8,
-                    components: tuple[str, ...] = COMPONENTS, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
-    """Write the ``precisions`` variants of ``components`` and their manifest entries; returns the
-    manifest. Entries of other components and variants are left as they were."""
+                    components: tuple[str, ...] | None = None, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
+    """Write the ``precisions`` variants of ``components`` (None: all the bundle has) and their
+    manifest entries; returns the manifest. Entries of other components and variants are left as they were."""
     bundle = load_bundle(root)
+    components = tuple(bundle.components) if components is None else components
     calibration = capture(bundle, steps, max_feeds, prompts)
     trim_heap()  # the FP32 pipeline is gone: give its memory back before the calibration child starts
     notes: dict[str, dict[str, dict]] = {}
