@@ -4,7 +4,7 @@
     python benchmarks/bench_edit.py --encoder-only DIR/vae_encoder/model.onnx --size 512
 
 Prints the machine, then per tier the VAE encoder's variant, its encode time (median of calls in
-a fresh process) and that process's peak RSS above its start (edge.manifest.measure: the session's
+a fresh process) and that process's peak RSS above its start (edge.profile.measure: the session's
 weights, pre-packed copies and activations; the int8-lowmem tier runs it as that tier does). Then
 text to image and img2img at ``--strength`` with the same steps, seed and prompt, alternated run by
 run so that machine noise hits both alike: medians and their ratio. ``--encoder-only`` times a
@@ -27,7 +27,7 @@ from benchmarks_common import machine
 from edge.bundle import load_bundle
 from edge.images import b64encode
 from edge.jobs import parse_job
-from edge.manifest import measure
+from edge.profile import measure
 from edge.memory import TIERS, tier_plan
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions, physical_cores

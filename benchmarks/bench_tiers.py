@@ -22,7 +22,7 @@ CHILD = r"""
 import json, sys, time
 from edge.bundle import load_bundle
 from edge.jobs import parse_job
-from edge.manifest import _status_bytes
+from edge.profile import _status_bytes
 from edge.memory import load_manifest, tier_plan
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import platform
 import sys
-import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TextIO
 
 from . import __version__
-from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, load_bundle
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS
 from .config import Config, load_config
+from .console import ProgressBar
 from .errors import EdgeError, ValidationError
-from .images import RESIZE_MODES, b64encode
-from .memory import MB, choose_plan, read_budget
-from .jobs import parse_job, resolve_seed
-from .output import save_result
-from .pipeline import Pipeline, Step
+from .jobs import RESIZE_MODES, Step, admit, parse_job
 
+# Commands import the model side (onnxruntime, numpy) inside their functions: `submit` and
+# `--help` stay fast, since a thin client should not pay for what it never runs.
 log = logging.getLogger("edge")
 
 JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler",
@@ -61,7 +60,7 @@ def _job_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any
         path = getattr(args, name)
         if path is not None:
             try:
-                fields[name] = b64encode(Path(path).expanduser().read_bytes())
+                fields[name] = base64.b64encode(Path(path).expanduser().read_bytes()).decode("ascii")
             except OSError as exc:
                 raise ValidationError(name, f"{path}: cannot read the file ({exc.strerror})") from None
     return fields
@@ -132,40 +131,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return config
 
 
-class ProgressBar:
-    """A one-line bar on a terminal, plain lines otherwise (journald, pipes, CI logs)."""
-
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
-
-    def __call__(self, s: Step) -> None:
-        label = f"image {s.image + 1}/{s.count} step {s.step}/{s.steps} ({s.seconds:.2f} s/step)"
-        if self.tty:
-            filled = int(30 * s.step / s.steps)
-            end = "\n" if s.step == s.steps else ""
-            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {label}{end}")
-        else:
-            self.stream.write(label + "\n")
-        self.stream.flush()
-
-
-def load_pipeline(config: Config) -> Pipeline:
-    """The configured bundle at the most faithful precision tier that fits the memory budget."""
-    bundle = load_bundle(config.model.path)
-    headroom = config.memory.headroom_mb * MB
-    plan = choose_plan(bundle, read_budget(headroom), config.model.precision)
-    log.info("precision tier %s: %s", plan.tier, plan.reason)
-    return Pipeline(bundle, config.runtime, plan, headroom)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .loader import load_pipeline
+    from .output import save_result
     config = config_from_args(args)
     fields = _job_fields(args, JOB_FLAGS)
-    from . import schedulers
-    job = resolve_seed(parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits,
-                                 config.defaults, schedulers.NAMES))
+    job = parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits, config.defaults)
     pipeline = load_pipeline(config)
+    pipeline.check(job)
+    job = admit(job)
     result = pipeline.generate(job, on_step=ProgressBar())
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -173,8 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if n:
             print(f"warning: {name} is longer than {pipeline.tokenizer.max_length} tokens; "
                   f"{n} tokens were dropped", file=sys.stderr)
-    job_id = job.id or uuid.uuid4().hex[:12]
-    paths = save_result(result, Path(config.output.dir).expanduser().resolve(), job_id, model=pipeline.bundle.name,
+    paths = save_result(result, Path(config.output.dir).expanduser().resolve(), job.id, model=pipeline.bundle.name,
                         provider=pipeline.provider, precision=pipeline.precision, sidecar=config.output.sidecar)
     steps = result.timings["steps"]
     print(f"seed {job.seed}, {len(steps)} steps, {result.timings['total']:.2f} s", file=sys.stderr)
@@ -185,6 +158,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     import onnxruntime as ort
+
+    from .bundle import load_bundle
+    from .memory import MB, choose_plan, read_budget
     from .providers import physical_cores
     config = config_from_args(args)
     info: dict[str, Any] = {
@@ -236,7 +212,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from .manifest import profile_bundle
+    from .bundle import load_bundle
+    from .profile import profile_bundle
     config = load_config(args.config)
     manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls,
                               components=tuple(args.only) if args.only else None)
@@ -250,12 +227,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .socket_api import client_socket_path, run_submit
+    from .paths import client_socket_path
     config = config_from_args(args)
     # the fields go to the daemon as given: it validates them (one validator for every front end)
     job = _job_fields(args, (*JOB_FLAGS, "priority", "id"))
     return run_submit(args.socket or client_socket_path(config), {"prompt": args.prompt, **job},
                       wait=not args.no_wait)
+
+
+def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO = sys.stdout,
+               err: TextIO = sys.stderr) -> int:
+    """``edge-imagegen submit``: print the image paths (stdout) or the error; progress on stderr."""
+    from .client import SocketClient
+    bar = ProgressBar(err)
+    with SocketClient(path) as client:
+        if not wait:
+            reply = client.request({"op": "submit", "job": job})
+            print(json.dumps(reply), file=out)
+            return 0 if reply["status"] != "error" else 2
+        for message in client.submit_and_watch(job):
+            event = message.get("event")
+            if event is None and message["status"] in ("queued", "running"):
+                where = f" (position {message['position']})" if message.get("position") else ""
+                print(f"job {message['id']} queued{where}, seed {message['seed']}", file=err)
+            elif event == "progress":
+                bar(Step(message["image"] - 1, message["count"], message["step"], message["steps"],
+                         message.get("seconds", 0.0)))
+            elif event == "result" or event is None:
+                if message["status"] != "ok":
+                    print(f"error: {message['error']}", file=err)
+                    return 2
+                for p in message["paths"]:
+                    print(p, file=out)
+                return 0
+    return 2
 
 
 COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor, "quantize": cmd_quantize, "profile": cmd_profile,

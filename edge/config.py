@@ -20,10 +20,25 @@ import yaml
 from .bundle import COMPONENTS, OPTIONAL_COMPONENTS
 from .errors import ConfigError
 from .jobs import Defaults, Limits
-from .providers import OPT_LEVELS, RuntimeOptions
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-lowmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+OPT_LEVEL_NAMES = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimization levels
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are built; the ``runtime`` config section."""
+
+    threads: int = 0  # 0: the number of physical cores
+    providers: tuple[str, ...] = ("cpu",)
+    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> its options
+    component_providers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. unet -> (xnnpack, cpu)
+    graph_optimization: str = "extended"
+    optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
+    cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
+    memory_arena: bool = True
+    prepack: bool = True  # False: weights stay in the file's mapped pages, no second packed copy
 
 
 @dataclass(frozen=True)
@@ -62,7 +77,7 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class SocketConfig:
     enabled: bool = True
-    path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.socket_api
+    path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.paths
     mode: str = "0660"
 
 
@@ -121,7 +136,7 @@ class Config:
 # Keys whose value must be one of a fixed set; checked after types.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": PRECISIONS,
-    "runtime.graph_optimization": tuple(OPT_LEVELS),
+    "runtime.graph_optimization": OPT_LEVEL_NAMES,
     "log_level": LOG_LEVELS,
     "mqtt.protocol": ("mqttv5", "mqttv311"),
 }

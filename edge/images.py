@@ -7,7 +7,7 @@ not an image, is truncated, is larger than ``limits.max_image_bytes`` or has mor
 decompression-bomb guard is turned into an error too) is refused with a ValidationError naming
 the field.
 
-Resize modes are AUTOMATIC1111's (modules/images.py ``resize_image``), Lanczos throughout:
+Resize modes (``edge.jobs.RESIZE_MODES``) are AUTOMATIC1111's (modules/images.py ``resize_image``), Lanczos throughout:
 
     just_resize       stretch to width x height
     crop_and_resize   scale to cover, centre crop
@@ -35,7 +35,6 @@ from PIL import Image, ImageFilter, UnidentifiedImageError
 from .errors import ValidationError
 
 FORMATS = ("PNG", "JPEG", "WEBP")
-RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 MIN_SIDE = 8  # pixels: one latent cell
 LANCZOS = Image.Resampling.LANCZOS
 
@@ -118,7 +117,7 @@ def resize(image: Image.Image, width: int, height: int, mode: str) -> Image.Imag
         src_w = width if ratio < src_ratio else image.width * height // image.height
         src_h = height if ratio >= src_ratio else image.height * width // image.width
     else:
-        raise ValidationError("resize_mode", f"{mode!r} is not one of {', '.join(RESIZE_MODES)}")
+        raise ValidationError("resize_mode", f"{mode!r} is not a resize mode (edge.jobs.RESIZE_MODES)")
     resized = image.resize((src_w, src_h), LANCZOS)
     out = Image.new(image.mode, (width, height))
     out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
@@ -167,3 +166,10 @@ def binary_mask(mask: Image.Image) -> np.ndarray:
 def composite(generated: Image.Image, original: Image.Image, mask: Image.Image) -> Image.Image:
     """Generated pixels where the (blurred) mask is white, the original where it is black, blended between."""
     return Image.composite(generated, original.convert("RGB"), mask)
+
+
+def png_base64(image: Image.Image) -> str:
+    """An image as an edit job's init_image field (calibration and profiling runs)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return b64encode(buf.getvalue())

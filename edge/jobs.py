@@ -1,8 +1,13 @@
-"""The one job shape every front end uses, and the one place it is validated.
+"""The one job shape every front end uses, its events, and the wire bodies that describe them.
 
-A job arrives as a JSON object (MQTT, the Unix socket) or as CLI flags; all of
-them go through :func:`parse_job` so that limits and error messages are the
-same everywhere. Errors name the field and the limit (:class:`ValidationError`).
+A job arrives as a JSON object (MQTT, the Unix socket) or as CLI flags; all of them go through
+:func:`parse_job` so that limits and error messages are the same everywhere. Errors name the field
+and the limit (:class:`ValidationError`). What only the model knows (its fixed size, the chosen
+scheduler's step limits) is checked next, by the runner, still before the job is accepted.
+
+Every reply a front end sends is built here (:func:`error_body`, :func:`state_body`,
+:func:`result_body` and :meth:`JobEvent.body`), so a job reads the same on every transport.
+This module imports nothing heavier than the standard library: thin clients use it.
 """
 
 from __future__ import annotations
@@ -10,19 +15,15 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import sqlite3
-import threading
-import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any, Iterator
+import uuid
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
-from .errors import EdgeError, ValidationError
-from .images import RESIZE_MODES, ImageLimits, check_image
+from .errors import ValidationError
 
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")  # AUTOMATIC1111's, edge.images does them
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client round-trips exactly
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no trailing newline slips by
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,6 @@ class Limits:
         """A whole request: the job plus two images at their limit in base64 (4 characters per 3 bytes)."""
         return self.max_payload_bytes + 2 * (4 * -(-self.max_image_bytes // 3))
 
-    @property
-    def images(self) -> ImageLimits:
-        return ImageLimits(self.max_image_bytes, self.max_image_pixels)
-
 
 @dataclass(frozen=True)
 class Defaults:
@@ -67,7 +64,7 @@ class Defaults:
 
 @dataclass(frozen=True)
 class Job:
-    """One validated request. ``seed == -1`` has been replaced by :func:`resolve_seed`."""
+    """One validated request. ``seed == -1`` and ``id is None`` are replaced by :func:`admit`."""
 
     prompt: str
     negative_prompt: str = ""
@@ -87,17 +84,26 @@ class Job:
     mask_blur: int = 4
     resize_mode: str = "just_resize"
     image_guidance: float | None = None  # InstructPix2Pix models only; None: 1.5
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("extra")
-        return data
+        return asdict(self)
 
 
-JOB_FIELDS = tuple(f.name for f in fields(Job) if f.name != "extra")
+JOB_FIELDS = tuple(f.name for f in fields(Job))
 
 
+@dataclass(frozen=True)
+class Step:
+    """Progress of a job, passed to the ``on_step`` callback after every denoising step."""
+
+    image: int  # 0-based index within the job
+    count: int
+    step: int  # 1-based
+    steps: int  # steps that run (fewer than the job's with img2img strength < 1)
+    seconds: float  # duration of this step
+
+
+# --- validation ----------------------------------------------------------------------------------
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
@@ -157,8 +163,7 @@ def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
     return data
 
 
-def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Defaults = Defaults(),
-              known_schedulers: tuple[str, ...] | None = None) -> Job:
+def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Defaults = Defaults()) -> Job:
     """Validate a job given as a dict (already-decoded JSON or CLI flags).
 
     Unknown fields are rejected so that a typo ("step" for "steps") is not silently ignored.
@@ -174,13 +179,9 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
         return default if value is None else value
 
     job_id = data.get("id")
-    if job_id is not None and (not isinstance(job_id, str) or not _ID_RE.match(job_id)):
+    if job_id is not None and valid_id(job_id) is None:
         raise ValidationError("id", "must be 1 to 64 characters of letters, digits, '_', '.' or '-'")
     scheduler = get("scheduler", defaults.scheduler)
-    if scheduler is not None:
-        scheduler = _text("scheduler", scheduler, 64, required=True)
-        if known_schedulers is not None and scheduler not in known_schedulers:
-            raise ValidationError("scheduler", f"{scheduler!r} is not supported; choose one of {', '.join(known_schedulers)}")
     return Job(
         id=job_id,
         prompt=_text("prompt", data["prompt"], limits.max_prompt_chars, required=True),
@@ -192,10 +193,14 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
         count=_int("count", get("count", defaults.count), 1, limits.max_count),
         width=_side("width", get("width", defaults.width), limits),
         height=_side("height", get("height", defaults.height), limits),
-        scheduler=scheduler,
+        scheduler=None if scheduler is None else _text("scheduler", scheduler, 64, required=True),
         priority=_int("priority", get("priority", 0), limits.min_priority, limits.max_priority),
         **_edit_fields(data, limits),
     )
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 def _edit_fields(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -204,7 +209,8 @@ def _edit_fields(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name in ("init_image", "mask"):
         if data.get(name) is not None:
-            fields[name] = check_image(name, data[name], limits.images)
+            from .images import ImageLimits, check_image  # Pillow: only for jobs that carry images
+            fields[name] = check_image(name, data[name], ImageLimits(limits.max_image_bytes, limits.max_image_pixels))
     if data.get("strength") is not None:
         fields["strength"] = _float("strength", data["strength"], 0.0, 1.0)
     if data.get("mask_blur") is not None:
@@ -230,28 +236,24 @@ def resolve_seed(job: Job) -> Job:
     return replace(job, seed=secrets.randbelow(2**32))
 
 
+def admit(job: Job) -> Job:
+    """Fix what must not change between a job's acceptance and a replay: its id and its seed."""
+    return resolve_seed(job if job.id is not None else replace(job, id=new_id()))
+
+
 def valid_id(value: Any) -> str | None:
     """``value`` if it is a well-formed job id, else None.
 
     For front ends that must route an error reply before :func:`parse_job` has accepted the job
     (an id that fails this check is never put into a topic name or a file name).
     """
-    return value if isinstance(value, str) and _ID_RE.match(value) else None
+    return value if isinstance(value, str) and ID_PATTERN.fullmatch(value) else None
 
 
-# --- the durable journal -----------------------------------------------------------------------
-# Every accepted job is committed here before any front end acknowledges it, so a job that was
-# acknowledged survives a crash or a power cut. SQLite in WAL mode with synchronous=FULL: each
-# commit is fsynced, so the last acknowledged job survives power loss too (NORMAL only survives a
-# process crash).
-
+# --- a job as it stands -------------------------------------------------------------------------
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "error", "cancelled", "rejected")
 STATES = ACTIVE + FINISHED
-
-
-class BusyError(EdgeError):
-    """The queue is full; the job was not accepted (the client may try again later)."""
 
 
 @dataclass(frozen=True)
@@ -283,216 +285,87 @@ class JobRecord:
                 "attempts": self.attempts, "result": self.result, "error": self.error}
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    dedup_key TEXT,
-    priority INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    job TEXT NOT NULL,
-    source TEXT NOT NULL,
-    reply TEXT NOT NULL,
-    submitted REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    run_at TEXT,
-    result TEXT,
-    error TEXT,
-    delivered INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS jobs_dedup ON jobs (dedup_key) WHERE dedup_key IS NOT NULL;
-"""
-_COLUMNS = ("id", "job", "state", "seq", "source", "reply", "submitted", "started", "finished", "attempts",
-            "run_at", "result", "error", "delivered")
+# --- wire bodies ----------------------------------------------------------------------------------
+def error_body(message: str, job_id: str | None = None, field: str | None = None, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"status": "error", "id": job_id, "error": message}
+    if field is not None:
+        body["field"] = field
+    body.update(extra)
+    return body
 
 
-def _record(row: tuple) -> JobRecord:
-    values = dict(zip(_COLUMNS, row))
-    values["job"] = Job(**json.loads(values["job"]))
-    values["reply"] = json.loads(values["reply"])
-    values["result"] = json.loads(values["result"]) if values["result"] else None
-    values["delivered"] = bool(values["delivered"])
-    return JobRecord(**values)
+def result_body(record: JobRecord) -> dict[str, Any]:
+    """The result message of a finished job: ``{"status": "ok"|"error", "id", "state", ...}``."""
+    if record.state == "done":
+        return {"status": "ok", "id": record.id, "state": "done", **(record.result or {})}
+    body = error_body(record.error or record.state, record.id, state=record.state)
+    if record.state == "rejected":
+        body["field"] = "prompt"
+    elif record.result and record.result.get("field"):
+        body["field"] = record.result["field"]
+    return body
 
 
-class Journal:
-    """Jobs in SQLite: submit, claim the next one, finish; requeue interrupted ones at start-up.
+def state_body(record: JobRecord, position: int | None = None) -> dict[str, Any]:
+    """Where an unfinished job stands: ``{"status": "queued"|"running", ...}``; finished: its result."""
+    if record.finished_state:
+        return result_body(record)
+    body = {"status": record.state, "id": record.id, "state": record.state, "seed": record.job.seed}
+    if position is not None:
+        body["position"] = position
+    return body
 
-    Thread-safe: the front ends (MQTT network thread, socket connections) and the worker share
-    one connection behind a lock, each operation being one short IMMEDIATE transaction.
+
+def progress_body(record: JobRecord, step: Step) -> dict[str, Any]:
+    return {"id": record.id, "state": "running", "image": step.image + 1, "count": step.count,
+            "step": step.step, "steps": step.steps, "seconds": round(step.seconds, 4)}
+
+
+def history_entry(record: JobRecord) -> dict[str, Any]:
+    """One job in a history listing: what was asked, where it stands, what came of it."""
+    result = record.result or {}
+    return {"id": record.id, "state": record.state, "prompt": record.job.prompt, "job": record.job.to_dict(),
+            "source": record.source, "seeds": [record.job.seed + k for k in range(record.job.count)],
+            "paths": result.get("paths", []), "submitted": record.submitted, "started": record.started,
+            "finished": record.finished, "error": record.error}
+
+
+def cancel_body(record: JobRecord, cancelled: bool) -> dict[str, Any]:
+    """The answer to a cancel request, the same on every front end.
+
+    ``status`` says whether the request did what it asked: ``ok`` for a job cancelled now (queued)
+    or at its next step (running), ``error`` for a job that had already finished.
     """
+    if cancelled or record.state == "running":
+        body = {"status": "ok", "id": record.id, "state": record.state, "cancelled": record.state == "cancelled"}
+        if record.state == "running":
+            body["cancelling"] = True
+        return body
+    return error_body(f"id: job {record.id} is already {record.state}; nothing to cancel", record.id, "id",
+                      state=record.state)
 
-    def __init__(self, path: Path | str, max_queue: int = 100):
-        self.path = Path(path)
-        self.max_queue = max_queue
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        # isolation_level=None: transactions are ours (BEGIN IMMEDIATE takes the write lock up front,
-        # so a check-then-insert such as the queue bound cannot race)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise EdgeError(f"{self.path}: SQLite refused WAL mode (got {mode}); put the state "
-                            f"directory on a local filesystem")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+@dataclass(frozen=True)
+class JobEvent:
+    """A change of a job, published by the service to every front end."""
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    kind: str  # "queued" | "started" | "progress" | "finished"
+    record: JobRecord
+    step: Step | None = None
+    position: int | None = None  # queued: jobs ahead of this one
 
-    def _get(self, db: sqlite3.Connection, where: str, *args: Any) -> JobRecord | None:
-        row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE {where}", args).fetchone()
-        return _record(row) if row else None
+    @property
+    def name(self) -> str:
+        """The event's name on the wire: queued, started, progress or result."""
+        return "result" if self.kind == "finished" else self.kind
 
-    # --- front ends ---------------------------------------------------------------------------
-    def submit(self, job: Job, source: str = "", reply: dict[str, Any] | None = None,
-               dedup_key: str | None = None, redelivery: bool = False, state: str = "queued",
-               error: str | None = None) -> tuple[JobRecord, bool]:
-        """Commit a job; returns (record, created).
-
-        A job whose id is already in the journal is not added again: the existing record is
-        returned with created False. ``dedup_key`` identifies a message without an id (e.g. an MQTT
-        packet id and payload); it is stored, and looked up only when ``redelivery`` says the
-        transport is delivering the message again (packet ids are reused later on). A new
-        queued job beyond ``max_queue`` active jobs raises :class:`BusyError`. ``state="rejected"``
-        records a job refused by the content policy (it never runs and takes no queue room).
-        """
-        if job.id is None:
-            raise ValueError("the journal needs jobs with an id")
-        assert state in ("queued", "rejected")
-        with self._tx() as db:
-            existing = self._get(db, "id = ?", job.id)
-            if existing is None and dedup_key is not None and redelivery:
-                existing = self._get(db, "seq = (SELECT max(seq) FROM jobs WHERE dedup_key = ?)", dedup_key)
-            if existing is not None:
-                return existing, False
-            if state == "queued":
-                active = self._active(db)
-                if active >= self.max_queue:
-                    raise BusyError(f"busy: the queue is full ({active} jobs, the limit is {self.max_queue}); "
-                                    f"try again later")
-            now = time.time()
-            db.execute("INSERT INTO jobs (id, dedup_key, priority, state, job, source, reply, submitted, finished, "
-                       "error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (job.id, dedup_key, job.priority, state, json.dumps(job.to_dict()), source,
-                        json.dumps(reply or {}), now, now if state != "queued" else None, error))
-            return self._get(db, "id = ?", job.id), True
-
-    def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            return self._get(self._db, "id = ?", job_id)
-
-    def cancel(self, job_id: str) -> tuple[JobRecord | None, bool]:
-        """Cancel a queued job; a running one is the worker's to stop.
-
-        Returns (the record after, whether this call cancelled it).
-        """
-        with self._tx() as db:
-            changed = db.execute("UPDATE jobs SET state = 'cancelled', finished = ?, error = 'cancelled' "
-                                 "WHERE id = ? AND state = 'queued'", (time.time(), job_id)).rowcount
-            return self._get(db, "id = ?", job_id), bool(changed)
-
-    def depth(self) -> int:
-        """Jobs queued or running."""
-        with self._lock:
-            return self._active(self._db)
-
-    @staticmethod
-    def _active(db: sqlite3.Connection) -> int:
-        return db.execute("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')").fetchone()[0]
-
-    def position(self, job_id: str) -> int | None:
-        """How many queued jobs run before this one (0: next), or None when it is not queued."""
-        with self._lock:
-            row = self._db.execute("SELECT priority, seq FROM jobs WHERE id = ? AND state = 'queued'",
-                                   (job_id,)).fetchone()
-            if row is None:
-                return None
-            return self._db.execute("SELECT count(*) FROM jobs WHERE state = 'queued' AND "
-                                    "(priority > ? OR (priority = ? AND seq < ?))", (row[0], row[0], row[1])).fetchone()[0]
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
-        return {state: dict(rows).get(state, 0) for state in STATES}
-
-    # --- the worker ---------------------------------------------------------------------------
-    def claim_next(self) -> JobRecord | None:
-        """Mark the next job (highest priority, then earliest) running and return it."""
-        with self._tx() as db:
-            row = db.execute("SELECT seq FROM jobs WHERE state = 'queued' ORDER BY priority DESC, seq LIMIT 1").fetchone()
-            if row is None:
-                return None
-            now = time.time()
-            # run_at is fixed once: a replay after a crash writes the very same file names
-            run_at = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(now))
-            db.execute("UPDATE jobs SET state = 'running', started = ?, attempts = attempts + 1, "
-                       "run_at = COALESCE(run_at, ?) WHERE seq = ?", (now, run_at, row[0]))
-            return self._get(db, "seq = ?", row[0])
-
-    def finish(self, job_id: str, state: str, result: dict[str, Any] | None = None,
-               error: str | None = None) -> JobRecord:
-        assert state in FINISHED
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET state = ?, finished = ?, result = ?, error = ? WHERE id = ?",
-                       (state, time.time(), json.dumps(result) if result is not None else None, error, job_id))
-            return self._get(db, "id = ?", job_id)
-
-    def requeue(self, job_id: str) -> JobRecord:
-        """Put a running job back in the queue (a stop that could not wait for it)."""
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET state = 'queued' WHERE id = ? AND state = 'running'", (job_id,))
-            return self._get(db, "id = ?", job_id)
-
-    def recover(self, max_attempts: int) -> tuple[list[str], list[str]]:
-        """At start-up: requeue jobs a crash left running; fail those interrupted ``max_attempts`` times.
-
-        Returns (requeued ids, failed ids).
-        """
-        with self._tx() as db:
-            rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running' ORDER BY seq").fetchall()
-            requeued, failed = [], []
-            for job_id, attempts in rows:
-                if attempts >= max_attempts:
-                    db.execute("UPDATE jobs SET state = 'error', finished = ?, error = ? WHERE id = ?",
-                               (time.time(), f"interrupted: the daemon stopped during this job {attempts} times "
-                                f"(daemon.max_attempts); not retried", job_id))
-                    failed.append(job_id)
-                else:
-                    db.execute("UPDATE jobs SET state = 'queued' WHERE id = ?", (job_id,))
-                    requeued.append(job_id)
-        return requeued, failed
-
-    # --- results ------------------------------------------------------------------------------
-    def mark_delivered(self, job_id: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
-
-    def undelivered(self, source: str, limit: int = 1000) -> list[JobRecord]:
-        """Finished jobs from ``source`` whose result was not confirmed delivered, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE source = ? AND delivered = 0 AND "
-                f"state IN ('done', 'error', 'cancelled', 'rejected') ORDER BY seq LIMIT ?", (source, limit)).fetchall()
-        return [_record(r) for r in rows]
-
-    def prune(self, older_than: float) -> int:
-        """Forget finished jobs that finished before ``older_than`` (Unix time); returns how many."""
-        with self._tx() as db:
-            return db.execute("DELETE FROM jobs WHERE state IN ('done', 'error', 'cancelled', 'rejected') "
-                              "AND finished < ?", (older_than,)).rowcount
+    def body(self) -> dict[str, Any]:
+        record = self.record
+        if self.kind == "queued":
+            return state_body(record, self.position)
+        if self.kind == "started":
+            return {"id": record.id, "state": "running", "image": 1, "count": record.job.count, "step": 0,
+                    "steps": record.job.steps}
+        if self.kind == "progress" and self.step is not None:
+            return progress_body(record, self.step)
+        return result_body(record)

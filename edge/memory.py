@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import Bundle
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, Bundle
 from .errors import MemoryBudgetError
+from .variants import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ class Plan:
     lowmem: bool
     measured: bool  # False: footprints estimated from file sizes
     reason: str
+
+
+def fixed_plan(precisions: dict[str, str] | None = None, reason: str = "asked for") -> Plan:
+    """A plan that is not chosen from the budget: every component resident, at the given
+    precision (FP32 where not given). Quantization, profiling and tests run these."""
+    full = {c: (precisions or {}).get(c, "fp32") for c in COMPONENTS}
+    full.update({c: p for c, p in (precisions or {}).items() if c in OPTIONAL_COMPONENTS})
+    tier = "fp32" if set(full.values()) == {"fp32"} else "custom"
+    return Plan(tier, full, 0, False, False, reason)
 
 
 def _read_int(path: Path) -> int | None:
@@ -116,14 +125,7 @@ def read_budget(headroom: int, proc: Path = Path("/proc"), cgroup_fs: Path = Pat
 
 
 def load_manifest(bundle: Bundle) -> dict:
-    path = bundle.root / "variants.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        log.warning("%s: not valid JSON (%s); footprints will be estimated", path, exc)
-        return {}
+    return read_manifest(bundle.root)
 
 
 def footprint(bundle: Bundle, manifest: dict, component: str, precision: str,

@@ -27,8 +27,8 @@ from PIL import Image
 from . import editing, schedulers
 from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
-from .jobs import Job
-from .memory import Plan, ensure_room_for_job, lean_malloc, trim_heap
+from .jobs import Job, Step
+from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
 from .providers import RuntimeOptions, make_session
 from .tokenizer import ClipTokenizer
 
@@ -36,17 +36,6 @@ log = logging.getLogger(__name__)
 
 ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
-
-
-@dataclass(frozen=True)
-class Step:
-    """Progress of a job, passed to the ``on_step`` callback after every denoising step."""
-
-    image: int  # 0-based index within the job
-    count: int
-    step: int  # 1-based
-    steps: int  # steps that run (fewer than the job's with img2img strength < 1)
-    seconds: float  # duration of this step
 
 
 @dataclass
@@ -146,7 +135,7 @@ class Pipeline:
         """``headroom`` (bytes): check before each job that this much memory is still free."""
         self.bundle = bundle
         self.headroom = headroom
-        self.plan = plan or Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "default")
+        self.plan = plan or fixed_plan(reason="default")
         if self.plan.lowmem:  # batching CFG doubles activations; the arena keeps peaks allocated
             runtime = replace(runtime, cfg_batch=False, memory_arena=False)
             lean_malloc()
@@ -179,9 +168,6 @@ class Pipeline:
     def provider(self) -> str:
         return self.unet.providers[0]
 
-    def scheduler_names(self) -> tuple[str, ...]:
-        return schedulers.NAMES
-
     # --- sizes -------------------------------------------------------------------------------
     def default_size(self) -> tuple[int, int]:
         _, _, h, w = self.unet.shape(self._sample)
@@ -191,23 +177,29 @@ class Pipeline:
         side = self.bundle.native_size or 512
         return side, side
 
-    def resolve_size(self, job: Job) -> tuple[int, int]:
-        """Width and height for a job, checked against the model's static shape if it has one."""
+    def size(self, job: Job) -> tuple[int, int]:
+        """Width and height for a job: its own, else the model's."""
         default_w, default_h = self.default_size()
-        width, height = job.width or default_w, job.height or default_h
+        return job.width or default_w, job.height or default_h
+
+    def check(self, job: Job) -> None:
+        """What only this model and its scheduler can refuse, checked before a job is accepted:
+        the size against the export's static shape, the scheduler's name and its step limits, the
+        edit fields against the model (:meth:`edit_kind`)."""
         _, _, h, w = self.unet.shape(self._sample)
         scale = self.bundle.vae_scale
-        for field_name, value, static in (("width", width, w), ("height", height, h)):
+        for field_name, value, static in zip(("width", "height"), self.size(job), (w, h)):
             if static and value != static * scale:
                 raise ValidationError(field_name, f"this model was exported with a fixed size of "
                                       f"{w * scale}x{h * scale}; got {value}")
             if value % scale:
                 raise ValidationError(field_name, f"must be a multiple of {scale}, got {value}")
-        return width, height
+        schedulers.from_config(self.bundle.scheduler_config, job.scheduler).set_timesteps(job.steps)
+        self.edit_kind(job)
 
     def edit_kind(self, job: Job) -> str:
         """The edit a job asks of this model (:func:`edge.editing.job_kind`); a ValidationError
-        names the field this model cannot take. Front ends call it at submit."""
+        names the field this model cannot take (a mask for InstructPix2Pix, no vae_encoder/, ...)."""
         return editing.job_kind(job, self.model_kind, self.vae_encoder is not None)
 
     # --- stages ------------------------------------------------------------------------------
@@ -261,10 +253,10 @@ class Pipeline:
     # --- a whole job -------------------------------------------------------------------------
     def generate(self, job: Job, on_step: Callable[[Step], None] | None = None,
                  cancel: threading.Event | None = None) -> Result:
-        """Run a job whose seed is already resolved (see :func:`edge.jobs.resolve_seed`)."""
+        """Run a job that :meth:`check` accepted and whose seed is resolved (:func:`edge.jobs.admit`)."""
         if job.seed < 0:
-            raise ValidationError("seed", "must be resolved before generation (see jobs.resolve_seed)")
-        width, height = self.resolve_size(job)
+            raise ValidationError("seed", "must be resolved before generation (see jobs.admit)")
+        width, height = self.size(job)
         edit = editing.Edit.load(job, self.edit_kind(job), width, height)
         if self.headroom is not None:
             ensure_room_for_job(self.plan, self.headroom)
@@ -318,3 +310,18 @@ class Pipeline:
                       sampler=schedulers.sampler_label(scheduler),
                       tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
                       parameters=edit.parameters(), notes=edit.notes)
+
+
+@contextmanager
+def record_inputs(pipe: Pipeline) -> Iterator[dict[str, list[dict[str, np.ndarray]]]]:
+    """The inputs each component is called with while the block generates (calibration, profiling)."""
+    models = {name: getattr(pipe, name) for name in COMPONENTS}
+    if pipe.vae_encoder is not None:
+        models["vae_encoder"] = pipe.vae_encoder
+    for model in models.values():
+        model.record = []
+    try:
+        yield {name: model.record for name, model in models.items()}
+    finally:
+        for model in models.values():
+            model.record = None

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
+from .config import RuntimeOptions
 from .errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,27 +30,13 @@ ALIASES = {
 }
 CPU = "CPUExecutionProvider"
 XNNPACK = "XnnpackExecutionProvider"
+# the names are the config's (edge.config.OPT_LEVEL_NAMES), the values onnxruntime's
 OPT_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How sessions are built; the ``runtime`` config section."""
-
-    threads: int = 0  # 0: the number of physical cores
-    providers: tuple[str, ...] = ("cpu",)
-    provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> its options
-    component_providers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. unet -> (xnnpack, cpu)
-    graph_optimization: str = "extended"
-    optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
-    cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
-    memory_arena: bool = True
-    prepack: bool = True  # False: weights stay in the file's mapped pages, no second packed copy
 
 
 def physical_cores() -> int:

@@ -26,13 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import COMPONENTS, VARIANT_FILES, Bundle, load_bundle
+from .bundle import VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
-from .manifest import Fidelity, png_base64, single_items, update_manifest
-from .memory import Plan, trim_heap
-from .pipeline import Pipeline
+from .images import png_base64
+from .memory import fixed_plan, trim_heap
+from .pipeline import Pipeline, record_inputs
+from .profile import Fidelity, single_items
 from .providers import RuntimeOptions
+from .variants import update_manifest
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +69,19 @@ def _onnx():
     return onnx
 
 
-def fp32_plan() -> Plan:
-    return Plan("fp32", {c: "fp32" for c in COMPONENTS}, 0, False, False, "quantize")
-
-
 def capture(bundle: Bundle, steps: int, max_feeds: int, prompts: int) -> Calibration:
     """Run FP32 generations and keep the inputs each component saw, thinned to ``max_feeds``."""
-    pipe = Pipeline(bundle, RuntimeOptions(), fp32_plan())
-    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
-    if pipe.vae_encoder is not None:
-        models["vae_encoder"] = pipe.vae_encoder
-    for model in models.values():
-        model.record = []
-    for seed, prompt in enumerate(CALIBRATION_PROMPTS[:prompts]):
-        job = {"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}
-        image = pipe.generate(parse_job(job)).images[0].image
-        if pipe.vae_encoder is not None:  # the encoder sees what the model draws, through an img2img job
-            pipe.generate(parse_job({**job, "init_image": png_base64(image), "strength": 0.5}))
+    pipe = Pipeline(bundle, RuntimeOptions(), fixed_plan(reason="quantize"))
+    with record_inputs(pipe) as recorded:
+        for seed, prompt in enumerate(CALIBRATION_PROMPTS[:prompts]):
+            job = {"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}
+            image = pipe.generate(parse_job(job)).images[0].image
+            if pipe.vae_encoder is not None:  # the encoder sees what the model draws, through an img2img job
+                pipe.generate(parse_job({**job, "init_image": png_base64(image), "strength": 0.5}))
     feeds = {}
-    for name, model in models.items():
-        recorded = model.record or []
-        keep = np.linspace(0, len(recorded) - 1, min(max_feeds, len(recorded))).round().astype(int)
-        feeds[name] = [recorded[i] for i in sorted(set(keep))]
+    for name, inputs in recorded.items():
+        keep = np.linspace(0, len(inputs) - 1, min(max_feeds, len(inputs))).round().astype(int)
+        feeds[name] = [inputs[i] for i in sorted(set(keep))]
     return Calibration(feeds)
 
 
@@ -266,6 +259,7 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
                     components: tuple[str, ...] | None = None, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
     """Write the ``precisions`` variants of ``components`` (None: all the bundle has) and their
     manifest entries; returns the manifest. Entries of other components and variants are left as they were."""
+    _onnx()  # missing: stop now with the install hint, not after the calibration runs
     bundle = load_bundle(root)
     components = tuple(bundle.components) if components is None else components
     calibration = capture(bundle, steps, max_feeds, prompts)

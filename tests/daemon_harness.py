@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge.socket_api import SocketClient
+from edge.client import SocketClient
 
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (./test.sh installs it)")
@@ -37,6 +37,13 @@ needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not
 # Deadlines are for a hung test, not a slow machine: under qemu emulation (tests/arm64/run.sh) a
 # denoising step takes a couple of hundred times longer, so that runner scales every deadline.
 TIMEOUT_SCALE = float(os.environ.get("EDGE_TEST_TIMEOUT_SCALE", "1"))
+
+# What only the model or its scheduler knows, refused at submit: nothing of these reaches the journal.
+MODEL_REFUSALS = [
+    ({"id": "m1", "prompt": "a gear", "scheduler": "lcm", "steps": 60}, "steps", "between 1 and 50"),
+    ({"id": "m2", "prompt": "a gear", "width": 256, "height": 256}, "width", "fixed size of 128x128"),
+    ({"id": "m3", "prompt": "a gear", "scheduler": "pndm"}, "scheduler", "'pndm' is not supported"),
+]
 
 
 def free_port() -> int:

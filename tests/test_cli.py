@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.cli import ProgressBar
+from edge.console import ProgressBar
 from edge.output import parse_parameters
-from edge.pipeline import Step
+from edge.jobs import Step
 
 
 def cli(*args):
@@ -72,7 +72,7 @@ def test_doctor_reports_runtime_and_model():
     info = json.loads(proc.stdout)
     assert "CPUExecutionProvider" in info["providers_in_build"]
     assert info["model"]["name"] == "knolling-tiny" and info["physical_cores"] >= 1
-    assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
 
 
 class FakeTerminal(io.StringIO):
@@ -118,3 +118,12 @@ def test_generate_inpaints_from_files_and_records_the_edit(tmp_path):
 def test_unreadable_init_image_is_named(tmp_path):
     proc = cli("generate", "x", "--init-image", str(tmp_path / "missing.png"))
     assert proc.returncode == 2 and "error: init_image: " in proc.stderr and "cannot read the file" in proc.stderr
+
+
+def test_quantize_without_onnx_stops_at_once_with_the_install_hint(bundle_copy, monkeypatch, capsys):
+    from edge.cli import main
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` now raises ImportError
+    before = sorted(p.name for p in bundle_copy.rglob("*"))
+    assert main(["quantize", str(bundle_copy)]) == 2
+    assert "pip install 'edge-imagegen[quantize]'" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle_copy.rglob("*")) == before  # nothing written, nothing removed

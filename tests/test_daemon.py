@@ -15,12 +15,17 @@ from daemon_harness import (broker, daemons, images_by_job, listeners, needs_mos
                             topic_is, wait_until)
 from edge import disk
 from edge.config import load_config
-from edge.daemon import PipelineRunner, Service
 from edge.errors import OutputError
-from edge.jobs import Journal, parse_job
+from edge.jobs import parse_job
+from edge.journal import Journal
 from edge.notify import Notifier
 from edge.output import image_path, save_result
 from edge.policy import ContentPolicy
+from edge.runner import PipelineRunner
+from edge.service import Service
+
+# real daemon subprocesses: the whole suite runs them, the fast lane (-m "not slow") does not
+pytestmark = pytest.mark.slow
 
 
 def submit(d, job):

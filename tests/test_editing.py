@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from edge import images, schedulers
 from edge.bundle import load_bundle
 from edge.errors import ValidationError
-from edge.jobs import Limits, decode_payload, parse_job
+from edge.jobs import RESIZE_MODES, Limits, admit, decode_payload, parse_job
 from edge.memory import tier_plan
 from edge.pipeline import Pipeline, gaussian, make_rng
 from edge.providers import RuntimeOptions
@@ -164,7 +164,7 @@ def test_mask_of_another_size_and_colour_is_resized_and_converted_with_notes(kin
 
 def test_init_image_of_another_size_is_resized_by_resize_mode(kinds):
     wide = Image.open(io.BytesIO(IMAGE_PNG)).resize((256, 128))
-    for mode in images.RESIZE_MODES:
+    for mode in RESIZE_MODES:
         result = kinds["plain"].generate(edit_job(init_image=b64(png(wide, "JPEG")), resize_mode=mode, steps=2))
         assert result.images[0].image.size == (128, 128)
 

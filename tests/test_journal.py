@@ -5,7 +5,8 @@ import threading
 
 import pytest
 
-from edge.jobs import BusyError, Job, Journal
+from edge.jobs import Job
+from edge.journal import BusyError, Journal
 
 
 def job(job_id, priority=0, prompt="a gear"):
@@ -166,3 +167,16 @@ def test_concurrent_submits_from_threads_are_all_committed(tmp_path):
 def test_submit_needs_an_id(journal):
     with pytest.raises(ValueError):
         journal.submit(Job(prompt="x"), "socket")
+
+
+def test_history_pages_newest_first(tmp_path):
+    j = Journal(tmp_path / "jobs.sqlite3", max_queue=1000)
+    for i in range(25):
+        j.submit(Job(prompt="x", id=f"h{i:02d}", seed=1), "socket")
+    pages, before = [], None
+    while page := j.history(limit=10, before=before):
+        pages.append([r.id for r in page])
+        before = page[-1].id
+    assert [len(p) for p in pages] == [10, 10, 5]
+    assert sum(pages, []) == [f"h{i:02d}" for i in reversed(range(25))]
+    assert j.history(before="nope") == []

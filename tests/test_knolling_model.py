@@ -21,6 +21,7 @@ import adherence  # noqa: E402
 import scenes  # noqa: E402
 
 SEEDS = range(8)
+pytestmark = pytest.mark.slow  # 8 seeds x 20 steps per prompt: the whole suite runs these, the fast lane not
 
 
 def outcomes(pipeline, prompt):

@@ -8,10 +8,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from daemon_harness import (TIMEOUT_SCALE, broker, daemons, images_by_job, listeners,  # noqa: F401
+from daemon_harness import (MODEL_REFUSALS, TIMEOUT_SCALE, broker, daemons, images_by_job, listeners,  # noqa: F401
                             needs_mosquitto, topic_is, wait_until)
 
-pytestmark = needs_mosquitto
+# real daemons and a broker: the whole suite runs them, the fast lane (-m "not slow") does not
+pytestmark = [needs_mosquitto, pytest.mark.slow]
 
 
 def payload(m):
@@ -180,6 +181,22 @@ def test_will_says_offline_on_a_crash_and_a_clean_stop_says_it_too(broker, daemo
     assert last[f"{d.prefix}/status"] == b"offline" and json.loads(last[f"{d.prefix}/state"])["state"] == "offline"
 
 
+def test_model_side_checks_refuse_at_submit(broker, daemons, listeners):
+    """LCM's step limit, a fixed-size export and an unknown scheduler are refused before the
+    message is acknowledged: answered with the field, never journaled, never run."""
+    d = daemons("pi1", broker).start()
+    watch = listeners(broker.port, [f"{d.prefix}/jobs/+/result"])
+    for job, _, _ in MODEL_REFUSALS:
+        watch.publish(f"{d.prefix}/jobs", json.dumps(job))
+    watch.publish(f"{d.prefix}/jobs", json.dumps({"id": "fine", "prompt": "a gear", "steps": 2}))
+    for job, field, words in MODEL_REFUSALS:
+        body = payload(watch.wait_for(topic_is(f"{d.prefix}/jobs/{job['id']}/result"), what=job["id"]))
+        assert body["status"] == "error" and body["field"] == field and words in body["error"], body
+    assert payload(watch.wait_for(topic_is(f"{d.prefix}/jobs/fine/result")))["status"] == "ok"
+    assert set(d.jobs()) == {"fine"}
+    assert sorted(images_by_job(d.images())) == ["fine"]
+
+
 def test_mqtt_311_and_duplicate_ids(broker, daemons, listeners):
     d = daemons("pi1", broker, {"mqtt": {"protocol": "mqttv311"}}).start()
     watch = listeners(broker.port, [f"{d.prefix}/jobs/+/result"])
@@ -199,9 +216,9 @@ def test_fleet_group_shares_jobs_each_runs_once(broker, daemons, listeners):
     a = daemons("pa", broker, fleet).start()
     b = daemons("pb", broker, fleet).start()
     watch = listeners(broker.port, ["edge-imagegen/fleet/lab/jobs/+/result", "test/+/state"])
-    for d in (a, b):  # both subscribed (their state is published after the SUBSCRIBE went out)
-        watch.wait_for(topic_is(f"{d.prefix}/state"), what=f"{d.name} connected")
-    assert watch.wait_for(lambda m: True) is not None
+    for d in (a, b):  # both subscribed (start() waits for that), connected and idle before the jobs go out
+        state = payload(watch.wait_for(topic_is(f"{d.prefix}/state"), what=f"{d.name} connected"))
+        assert (state["state"], state["queue"], state["device"]) == ("idle", 0, d.name)
     ids = [f"f{i:02d}" for i in range(16)]
     for job_id in ids:
         watch.publish("edge-imagegen/fleet/lab/jobs", json.dumps({"id": job_id, "prompt": "a gear", "steps": 10}))

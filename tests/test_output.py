@@ -48,7 +48,6 @@ def test_atomic_write_replaces_whole(tmp_path):
     assert os.listdir(target.parent) == ["f.bin"]
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_atomic_write_honours_the_umask_not_mkstemps_0600(tmp_path):
     previous = os.umask(0o027)
     try:
@@ -60,6 +59,7 @@ def test_atomic_write_honours_the_umask_not_mkstemps_0600(tmp_path):
     assert (tmp_path / "b.png").stat().st_mode & 0o777 == 0o666 & ~previous
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     real_fdopen = os.fdopen
 

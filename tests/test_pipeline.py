@@ -69,10 +69,25 @@ def test_noise_recipe_is_fixed():
 
 def test_wrong_size_names_field(pipeline):
     with pytest.raises(ValidationError, match="width: this model was exported with a fixed size of 128x128"):
-        pipeline.generate(job(width=256))
+        pipeline.check(job(width=256))
     with pytest.raises(ValidationError) as info:
-        pipeline.generate(job(height=64))
+        pipeline.check(job(height=64))
     assert info.value.field == "height"
+
+
+@pytest.mark.parametrize("fields, field, words", [
+    ({"scheduler": "lcm", "steps": 60}, "steps", "between 1 and 50"),
+    ({"scheduler": "pndm"}, "scheduler", "choose one of euler, euler_a, ddim"),
+    ({"steps": 5}, None, None),
+])
+def test_check_knows_the_scheduler_limits(pipeline, fields, field, words):
+    """What only the scheduler knows is refused by check(), which the service runs at submit."""
+    if field is None:
+        pipeline.check(job(**fields))
+        return
+    with pytest.raises(ValidationError) as info:
+        pipeline.check(job(**fields))
+    assert info.value.field == field and words in str(info.value)
 
 
 def test_cancel_between_steps(pipeline):

@@ -4,6 +4,7 @@ Both are numpy + Pillow only, so these tests need no torch. They live in tools/ 
 package code), so the checkout's tools/ folder is put on sys.path.
 """
 
+import hashlib
 import random
 import sys
 from pathlib import Path
@@ -70,26 +71,32 @@ def test_parts_do_not_overlap(training_scenes):
                 assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (s.seed, a, b)
 
 
+@pytest.mark.slow
 def test_held_out_combinations_never_reach_training_captions():
-    held = scenes.HELD_OUT
-    assert 0.05 < len(held) / (len(scenes.COLOURS) * len(scenes.PARTS) * scenes.MAX_PARTS) < 0.2
-    assert {c for c, _, _ in held} == set(scenes.COLOURS)  # every colour is tested somewhere
-    for seed in range(3000):
-        s = scenes.scene(seed)
-        for g in scenes.parse_caption(s.caption):
-            assert (g.colour, g.part, g.count) not in held, (seed, s.caption)
-    # ... while the evaluation prompts are made of nothing else
+    """Judged from what training really shows (the captions' own words), not from the predicate
+    that builds HELD_OUT: every evaluation triple is absent from 3000 training captions, while
+    training still sees most of the others."""
+    seen = {(g.colour, g.part, g.count) for seed in range(3000) for g in scenes.parse_caption(scenes.scene(seed).caption)}
+    evaluated = set()
     for case in adherence.evaluation_cases(100):
         [group] = scenes.parse_caption(case.prompt)
-        assert (group.colour, group.part, group.count) in held and group.count == case.count
+        assert group.count == case.count
+        evaluated.add((group.colour, group.part, group.count))
+    assert not evaluated & seen, sorted(evaluated & seen)[:5]
+    everything = {(c, p, n) for c in scenes.COLOURS for p in scenes.PARTS for n in range(1, scenes.MAX_PARTS + 1)}
+    assert len(seen) >= 0.8 * len(everything - evaluated)
+    assert len(evaluated) >= 30 and {c for c, _, _ in evaluated} == set(scenes.COLOURS)
 
 
 def test_held_out_set_is_stable():
     """Changing the hash would silently move combinations between training and evaluation."""
-    assert scenes.is_held_out("orange", "gear", 2) == (("orange", "gear", 2) in scenes.HELD_OUT)
-    assert len(scenes.HELD_OUT) == 49
+    held = sorted(scenes.HELD_OUT)
+    assert len(held) == 49 and held[:3] == [("blue", "gear", 3), ("blue", "lens", 3), ("blue", "nut", 4)]
+    assert hashlib.sha256(repr(held).encode()).hexdigest()[:16] == "12e8fc7547adf30d"
+    assert 0.05 < len(held) / (len(scenes.COLOURS) * len(scenes.PARTS) * scenes.MAX_PARTS) < 0.2
 
 
+@pytest.mark.slow
 def test_analyzer_reads_rendered_scenes():
     result = adherence.validate(150)
     assert result.count_exact >= 0.95

@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon_harness import Daemon, daemons, images_by_job, short_dir  # noqa: F401 (fixture)
+from daemon_harness import MODEL_REFUSALS, Daemon, daemons, images_by_job, short_dir  # noqa: F401 (fixture)
 from edge.config import load_config
-from edge.daemon import PipelineRunner, Service
+from edge.runner import PipelineRunner
+from edge.service import Service
 from edge.errors import EdgeError
-from edge.jobs import Journal
-from edge.socket_api import SocketClient, SocketServer
+from edge.journal import Journal
+from edge.client import SocketClient
+from edge.comms.unix_socket import SocketServer
 
 
 class Served:
@@ -28,7 +30,7 @@ class Served:
                                     "mqtt.enabled": False, "output.min_free_mb": 0, **overrides})
         self.journal = Journal(tmp_path / "state" / "jobs.sqlite3", config.daemon.max_queue)
         self.service = Service(config, PipelineRunner(pipeline), self.journal, tmp_path / "state" / "outputs")
-        self.server = SocketServer(config, None)
+        self.server = SocketServer(config)
         self.server.attach(self.service)
         self.server.start()
         self.worker_started = False
@@ -134,6 +136,17 @@ def test_bad_requests_get_clear_errors_and_leave_the_queue_intact(served):
     assert sorted(images_by_job(sorted(s.service.out_dir.glob("*/*.png")))) == ["keep-0", "keep-1", "keep-2"]
 
 
+def test_model_side_checks_refuse_at_submit(served):
+    s = served(start=False)
+    with s.client() as c:
+        for job, field, words in MODEL_REFUSALS:
+            reply = c.request({"op": "submit", "job": job})
+            assert reply["status"] == "error" and reply["id"] == job["id"], reply
+            assert reply["field"] == field and words in reply["error"], reply
+    assert all(s.journal.get(job["id"]) is None for job, _, _ in MODEL_REFUSALS)
+    assert sum(s.journal.counts().values()) == 0
+
+
 def test_busy_when_the_queue_is_full(served):
     s = served(start=False, **{"daemon.max_queue": 2})
     with s.client() as c:
@@ -148,7 +161,9 @@ def test_cancel_a_queued_job(served):
     with s.client() as c:
         c.request({"op": "submit", "job": {"id": "c1", "prompt": "a", "steps": 2}})
         reply = c.request({"op": "cancel", "id": "c1"})
-        assert reply["status"] == "error" and reply["state"] == "cancelled"
+        assert reply == {"status": "ok", "id": "c1", "state": "cancelled", "cancelled": True}
+        again = c.request({"op": "cancel", "id": "c1"})  # nothing left to cancel: an error, naming the id
+        assert again["status"] == "error" and again["field"] == "id" and "already cancelled" in again["error"]
         assert c.request({"op": "get", "id": "c1"})["state"] == "cancelled"
     s.start_worker()
     with s.client() as c:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edge.config import load_config
-from edge.socket_api import SYSTEMD_SOCKET
+from edge.paths import SYSTEMD_SOCKET
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE, SOCKET = UNITS / "edge-imagegen.service", UNITS / "edge-imagegen.socket"

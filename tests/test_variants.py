@@ -8,7 +8,7 @@ import pytest
 
 from edge.bundle import load_bundle
 from edge.jobs import parse_job
-from edge.manifest import Fidelity, profile_bundle, psnr
+from edge.profile import Fidelity, profile_bundle, psnr
 from edge.memory import TIERS, load_manifest, tier_plan
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions, make_session, resolve_providers, session_options
@@ -54,6 +54,7 @@ def test_every_tier_runs_and_stays_faithful(bundle, reference, tier):
         assert psnr(got, reference) >= FLOOR[tier], f"{tier}: {psnr(got, reference):.1f} dB"
 
 
+@pytest.mark.slow
 def test_lowmem_holds_no_session_between_stages_and_matches_int8(bundle):
     lowmem = Pipeline(bundle, ONE, tier_plan(bundle, {}, "int8-lowmem"))
     assert all(m._session is None for m in (lowmem.text_encoder, lowmem.unet, lowmem.vae_decoder))
@@ -100,6 +101,7 @@ def test_optimized_model_cache_is_written_then_used(bundle, tmp_path, caplog):
     assert "rebuilding it" in caplog.text and cached[0].stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
     pytest.importorskip("onnx")
     from edge.quantize import quantize_bundle
@@ -128,12 +130,13 @@ def test_quantize_writes_variants_and_rejects_below_floor(bundle_copy):
         assert (bundle_copy / comp / f"model.{precision}.onnx").is_file() == ("rejected" not in strict["components"][comp][precision])
 
 
+@pytest.mark.slow
 def test_lean_calibration_gives_onnxruntimes_minmax_ranges(bundle, tmp_path):
     """edge.quantize calibrates without onnxruntime's model copies; the ranges must be its ranges."""
     pytest.importorskip("onnx")
     from onnxruntime.quantization import create_calibrator
 
-    from edge.manifest import single_items
+    from edge.profile import single_items
     from edge.quantize import STATIC_OP_TYPES, calibrate_minmax, capture
     feeds = capture(bundle, steps=2, max_feeds=3, prompts=1).feeds["unet"]
     src = bundle.components["unet"].variants["fp32"]
@@ -149,6 +152,7 @@ def test_lean_calibration_gives_onnxruntimes_minmax_ranges(bundle, tmp_path):
         assert low == pytest.approx(ref_low, rel=1e-6, abs=1e-6) and high == pytest.approx(ref_high, rel=1e-6, abs=1e-6), name
 
 
+@pytest.mark.slow
 def test_profile_records_measurements(bundle_copy):
     manifest = profile_bundle(load_bundle(bundle_copy), ONE, calls=1)
     unet = manifest["components"]["unet"]
@@ -162,6 +166,7 @@ def test_profile_records_measurements(bundle_copy):
     assert json.loads((bundle_copy / "variants.json").read_text())["profiled_on"]["onnxruntime"]
 
 
+@pytest.mark.slow
 def test_fidelity_is_perfect_for_fp32(bundle):
     assert Fidelity(bundle, steps=2).score({}) == {"psnr_db": None, "max_abs_diff": 0}
 
@@ -185,6 +190,7 @@ def test_prepack_off_reaches_onnxruntime_and_runs(bundle, reference):
     assert np.abs(got.astype(int) - reference.astype(int)).max() <= 2  # other kernels, other rounding only
 
 
+@pytest.mark.slow
 def test_a_released_model_gives_its_weights_back(tmp_path):
     """The lowmem tier's promise, measured: a 64 MB model held only inside ``loaded()``."""
     onnx = pytest.importorskip("onnx")

@@ -43,12 +43,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from .config import Config
-from .daemon import error_body, progress_body, result_body
-from .errors import ConfigError
+from ..config import Config
+from ..errors import ConfigError
+from ..jobs import JobEvent, JobRecord, error_body, result_body
 
 if TYPE_CHECKING:
-    from .daemon import Answer, JobEvent, Service
+    from ..service import Answer, Service
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class MqttFrontEnd:
         client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
         self.client = client
-        service.add_listener(self._on_event)
+        service.events.subscribe(self._on_event)
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -174,7 +174,7 @@ class MqttFrontEnd:
         self._state_dirty.set()
         if self._first_connect:
             self._first_connect = False
-            undelivered = self.service.journal.undelivered("mqtt")
+            undelivered = self.service.undelivered("mqtt")
             if undelivered:
                 log.info("publishing %d result(s) not confirmed delivered before the last stop", len(undelivered))
             for record in undelivered:
@@ -251,7 +251,7 @@ class MqttFrontEnd:
             properties.CorrelationData = bytes.fromhex(reply["correlation"])
         return self.client.publish(topic, json.dumps(body), qos=qos, retain=retain, properties=properties)
 
-    def _publish_result(self, record: Any) -> None:
+    def _publish_result(self, record: JobRecord) -> None:
         body = result_body(record)
         reply = record.reply
         infos = [self._publish(f"{self.prefix}/jobs/{record.id}/result", body, self.qos)]
@@ -274,14 +274,13 @@ class MqttFrontEnd:
         fleet = bool(record.reply.get("fleet"))
         if event.kind == "started":
             self._last_progress[record.id] = 0.0
-            self._publish_progress(record.id, {"id": record.id, "state": "running", "image": 1,
-                                               "count": record.job.count, "step": 0, "steps": record.job.steps}, fleet)
+            self._publish_progress(record.id, event.body(), fleet)
         elif event.kind == "progress" and event.step is not None:
             step, now = event.step, time.monotonic()
             last_of_image = step.step == step.steps
             if last_of_image or now - self._last_progress.get(record.id, 0.0) >= self.config.mqtt.progress_interval:
                 self._last_progress[record.id] = now
-                self._publish_progress(record.id, progress_body(record, step), fleet)
+                self._publish_progress(record.id, event.body(), fleet)
             return  # the state topic is not updated per step
         elif event.kind == "finished":
             self._last_progress.pop(record.id, None)
@@ -310,4 +309,4 @@ class MqttFrontEnd:
             done = [(info, job_id) for info, job_id in self._pending if info.is_published()]
             self._pending = [(info, job_id) for info, job_id in self._pending if not info.is_published()]
         for job_id in {job_id for _, job_id in done}:
-            self.service.journal.mark_delivered(job_id)
+            self.service.mark_delivered(job_id)

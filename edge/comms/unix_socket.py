@@ -1,4 +1,4 @@
-"""The local Unix socket: one JSON object per line each way, and its client (``edge-imagegen submit``).
+"""The local Unix socket front end: one JSON object per line each way (the client is :mod:`edge.client`).
 
 Requests (``op`` picks the operation; every reply has ``status``: ``ok``, ``queued``,
 ``running`` or ``error``, and errors name the ``field``)::
@@ -26,50 +26,27 @@ import queue
 import select
 import socket
 import stat
-import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, TextIO
+from typing import TYPE_CHECKING, Any
 
-from .config import Config
-from .daemon import error_body, progress_body, result_body
-from .errors import EdgeError, ValidationError
-from .jobs import decode_payload
+from ..config import Config
+from ..errors import EdgeError, ValidationError
+from ..jobs import JobEvent, decode_payload, error_body
+from ..paths import server_socket_path
 
 if TYPE_CHECKING:
-    from .daemon import JobEvent, Service
+    from ..service import Service
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "edge-imagegen.sock"
-SYSTEMD_SOCKET = Path("/run/edge-imagegen.sock")  # ListenStream= of systemd/edge-imagegen.socket
 SD_LISTEN_FDS_START = 3  # systemd passes activated sockets from fd 3 on
 MAX_CONNECTIONS = 32  # one thread each; a kiosk has a handful of clients
 HARD_LINE_CAP = 1 << 20  # bytes read of one request line at most; the rest is dropped with the connection
 OPS = ("submit", "get", "cancel", "status", "watch")
 
 
-# --- where the socket is --------------------------------------------------------------------------
-def server_socket_path(config: Config) -> Path:
-    """Where ``serve`` creates its socket when systemd did not pass one."""
-    if config.socket.path:
-        return Path(config.socket.path).expanduser()
-    if os.environ.get("RUNTIME_DIRECTORY"):  # systemd RuntimeDirectory=
-        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0]) / SOCKET_NAME
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / SOCKET_NAME
-    return Path(f"/tmp/edge-imagegen-{os.getuid()}.sock")
-
-
-def client_socket_path(config: Config) -> Path:
-    """The first socket that exists: the configured one, the systemd units' ones, the user's own."""
-    if config.socket.path:
-        return Path(config.socket.path).expanduser()
-    candidates = [SYSTEMD_SOCKET, Path("/run/edge-imagegen") / SOCKET_NAME,
-                  server_socket_path(config)]
-    return next((p for p in candidates if p.exists()), candidates[-1])
-
-
+# --- systemd's socket ---------------------------------------------------------------------------
 def activated_socket(environ: dict[str, str] | None = None) -> socket.socket | None:
     """The listening socket systemd passed (fd 3), or None when not socket-activated."""
     env = os.environ if environ is None else environ
@@ -121,9 +98,9 @@ def _bind(path: Path, mode: int) -> socket.socket:
 class SocketServer:
     """Accepts connections on one thread, serves each on its own."""
 
-    def __init__(self, config: Config, service: Service | None):
+    def __init__(self, config: Config):
         self.config = config
-        self.service = service
+        self.service: Service | None = None  # attached once the model is loaded
         self.limits = config.limits
         self.sock = activated_socket()
         self.activated = self.sock is not None
@@ -144,7 +121,7 @@ class SocketServer:
 
     def attach(self, service: Service) -> None:
         self.service = service
-        service.add_listener(self._on_event)
+        service.events.subscribe(self._on_event)
 
     def start(self) -> None:
         if self.service is None:
@@ -269,16 +246,9 @@ class SocketServer:
     def _on_event(self, event: JobEvent) -> None:
         with self._lock:
             watchers = list(self._watchers.get(event.record.id, ()))
-        if not watchers:
+        if not watchers or event.kind == "queued":
             return
-        if event.kind == "progress" and event.step is not None:
-            message = {"event": "progress", **progress_body(event.record, event.step)}
-        elif event.kind == "started":
-            message = {"event": "started", "id": event.record.id, "state": "running"}
-        elif event.kind == "finished":
-            message = {"event": "result", **result_body(event.record)}
-        else:
-            return
+        message = {"event": event.name, **event.body()}
         for events in watchers:
             events.put(message)
 
@@ -306,94 +276,3 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> bool:
         return True
     except OSError:
         return False
-
-
-# --- the client -----------------------------------------------------------------------------------
-class SocketClient:
-    """Talks to ``serve`` over its socket (used by ``edge-imagegen submit`` and the tests)."""
-
-    def __init__(self, path: Path | str, timeout: float | None = None):
-        self.path = Path(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(str(self.path))
-        except OSError as exc:
-            self.sock.close()
-            raise EdgeError(f"cannot connect to {self.path} ({exc.strerror or exc}); is `edge-imagegen serve` "
-                            f"running? (--socket or socket.path picks another socket)") from None
-        self._reader = self.sock.makefile("rb")
-
-    def __enter__(self) -> SocketClient:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._reader.close()
-        self.sock.close()
-
-    def send(self, request: dict[str, Any] | bytes) -> None:
-        data = request if isinstance(request, bytes) else json.dumps(request).encode() + b"\n"
-        self.sock.sendall(data)
-
-    def receive(self) -> dict[str, Any]:
-        line = self._reader.readline()
-        if not line:
-            raise EdgeError("the daemon closed the connection")
-        return json.loads(line)
-
-    def request(self, request: dict[str, Any] | bytes) -> dict[str, Any]:
-        self.send(request)
-        return self.receive()
-
-    def request_stream(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """A ``watch`` request's messages, up to and including the result."""
-        self.send(request)
-        while True:
-            message = self.receive()
-            yield message
-            if message.get("event") in (None, "result"):
-                return
-
-    def submit_and_watch(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The submit reply, then the job's events up to and including its result."""
-        first = self.request({"op": "submit", "job": job, "watch": True})
-        yield first
-        if first["status"] in ("queued", "running"):
-            while True:
-                message = self.receive()
-                yield message
-                if message.get("event") == "result":
-                    return
-
-
-def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO = sys.stdout,
-               err: TextIO = sys.stderr) -> int:
-    """``edge-imagegen submit``: print the image paths (stdout) or the error; progress on stderr."""
-    from .cli import ProgressBar
-    from .pipeline import Step
-
-    bar = ProgressBar(err)
-    with SocketClient(path) as client:
-        if not wait:
-            reply = client.request({"op": "submit", "job": job})
-            print(json.dumps(reply), file=out)
-            return 0 if reply["status"] != "error" else 2
-        for message in client.submit_and_watch(job):
-            event = message.get("event")
-            if event is None and message["status"] in ("queued", "running"):
-                where = f" (position {message['position']})" if message.get("position") else ""
-                print(f"job {message['id']} queued{where}, seed {message['seed']}", file=err)
-            elif event == "progress":
-                bar(Step(message["image"] - 1, message["count"], message["step"], message["steps"],
-                         message.get("seconds", 0.0)))
-            elif event == "result" or event is None:
-                if message["status"] != "ok":
-                    print(f"error: {message['error']}", file=err)
-                    return 2
-                for p in message["paths"]:
-                    print(p, file=out)
-                return 0
-    return 2

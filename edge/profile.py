@@ -1,8 +1,5 @@
-"""``variants.json``: what each component variant of a bundle costs and how faithful it is.
-
-Written by ``edge-imagegen quantize`` (how each variant was made, or why it was rejected) and by
-``edge-imagegen profile`` on the device itself (file bytes, peak RSS, load time, per-call latency,
-fidelity). :mod:`edge.memory` reads the peak RSS figures to choose a precision tier.
+"""``edge-imagegen profile``: measure what each variant of a bundle costs on this machine, and how
+faithful it is, into ``variants.json`` (:mod:`edge.variants`); ``quantize`` uses the fidelity check.
 
 Peak RSS is measured in a fresh process per variant: the resident set after loading and running
 the session, minus what the process held before loading it. The variants the int8-lowmem tier
@@ -12,58 +9,30 @@ no arena, lean malloc), since that is what decides whether a small board fits.
 
 from __future__ import annotations
 
-import io
-import json
 import multiprocessing
 import platform
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, Bundle
-from .images import b64encode
+from .bundle import COMPONENTS, Bundle
+from .images import png_base64
 from .jobs import parse_job
-from .memory import Plan, lean_malloc, tier_plan
-from .output import atomic_write
-from .pipeline import Pipeline
+from .memory import fixed_plan, lean_malloc, tier_plan
+from .pipeline import Pipeline, record_inputs
 from .providers import RuntimeOptions, make_session
+from .variants import update_manifest
 
 FIDELITY_JOBS = (
     ("knolling of 2 red gears and a blue battery on a pure white background", 11),
     ("exploded view of a green circuit board and four screws", 12),
     ("flat lay of a yellow spring and a purple lens", 13),
 )
-
-
-def manifest_path(root: Path) -> Path:
-    return Path(root) / "variants.json"
-
-
-def update_manifest(root: Path, change: Callable[[dict], None]) -> dict:
-    """Read variants.json (or start one), apply ``change`` to it, write it back atomically."""
-    path = manifest_path(root)
-    manifest: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    manifest["version"] = 1
-    change(manifest)
-    atomic_write(path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-    return manifest
-
-
-def png_base64(image: Image.Image) -> str:
-    """An image as an edit job's init_image field."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return b64encode(buf.getvalue())
-
-
-def plan_with(precisions: dict[str, str]) -> Plan:
-    full = {c: precisions.get(c, "fp32") for c in COMPONENTS + OPTIONAL_COMPONENTS}
-    return Plan("custom", full, 0, False, False, "fidelity check")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -84,7 +53,7 @@ class Fidelity:
             self.reference = self._images({})
 
     def _images(self, precisions: dict[str, str]) -> list[np.ndarray]:
-        pipe = Pipeline(self.bundle, RuntimeOptions(), plan_with(precisions))
+        pipe = Pipeline(self.bundle, RuntimeOptions(), fixed_plan(precisions, "fidelity check"))
         jobs = [{"prompt": p, "seed": s, "steps": self.steps} for p, s in FIDELITY_JOBS]
         if self.edit_input is not None:
             jobs.append({**jobs[0], "init_image": self.edit_input, "strength": 0.5})
@@ -155,17 +124,13 @@ def measure_lowmem(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndar
 
 def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str, np.ndarray]]:
     """One real input per component, captured from a short FP32 generation at the native size."""
-    pipe = Pipeline(bundle, runtime, plan_with({}))
-    models = {"text_encoder": pipe.text_encoder, "unet": pipe.unet, "vae_decoder": pipe.vae_decoder}
-    if pipe.vae_encoder is not None:
-        models["vae_encoder"] = pipe.vae_encoder
-    for model in models.values():
-        model.record = []
+    pipe = Pipeline(bundle, runtime, fixed_plan(reason="profile"))
     job = {"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}
-    image = pipe.generate(parse_job(job)).images[0].image
-    if pipe.vae_encoder is not None:  # the encoder's input: that image, as an img2img job gives it
-        pipe.generate(parse_job({**job, "steps": 2, "init_image": png_base64(image), "strength": 0.5}))
-    return {name: model.record[-1] for name, model in models.items()}
+    with record_inputs(pipe) as recorded:
+        image = pipe.generate(parse_job(job)).images[0].image
+        if pipe.vae_encoder is not None:  # the encoder's input: that image, as an img2img job gives it
+            pipe.generate(parse_job({**job, "steps": 2, "init_image": png_base64(image), "strength": 0.5}))
+    return {name: feeds[-1] for name, feeds in recorded.items()}
 
 
 def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3,

@@ -1,0 +1,21 @@
+"""Loading the configured model: the bundle, at the most faithful precision tier that fits the memory."""
+
+from __future__ import annotations
+
+import logging
+
+from .bundle import load_bundle
+from .config import Config
+from .memory import MB, choose_plan, read_budget
+from .pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def load_pipeline(config: Config) -> Pipeline:
+    """The configured bundle at the most faithful precision tier that fits the memory budget."""
+    bundle = load_bundle(config.model.path)
+    headroom = config.memory.headroom_mb * MB
+    plan = choose_plan(bundle, read_budget(headroom), config.model.precision)
+    log.info("precision tier %s: %s", plan.tier, plan.reason)
+    return Pipeline(bundle, config.runtime, plan, headroom)
