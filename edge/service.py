@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from . import __version__, disk
 from .config import Config
-from .errors import CancelledError, EdgeError, ValidationError
+from .errors import CancelledError, EdgeError, OutputError, ValidationError
+from .inputs import InputStore, references
 from .jobs import (JobEvent, JobRecord, Step, admit, cancel_body, decode_payload, error_body, history_entry,
                    parse_job, progress_body, state_body, valid_id)
 from .journal import BusyError, Journal
@@ -86,6 +87,7 @@ class Service:
         self.config = config
         self.runner = runner
         self.journal = journal
+        self.inputs = InputStore(journal.path.parent / "inputs")  # edit jobs' images, beside the journal
         self.out_dir = Path(out_dir)
         self.notifier = notifier or Notifier()
         self.device_id = device_id or default_device_id(config)
@@ -127,6 +129,10 @@ class Service:
         except ValidationError as exc:
             return Answer(error_body(str(exc), job_id, exc.field))
         job = admit(job)  # id and seed fixed before the commit, so that a replay draws the very same image
+        try:
+            job = self.inputs.store(job)  # its images on disk (fsync'd) before the commit names them
+        except OutputError as exc:
+            return Answer(error_body(str(exc), job.id))
         verdict = self.policy.check(job.prompt)
         try:
             if not verdict.allowed:
@@ -296,7 +302,7 @@ class Service:
             self._current_step = step
             self._emit("progress", record, step)
 
-        result = self.runner.generate(job, on_step, self._cancel)
+        result = self.runner.generate(self.inputs.resolve(job), on_step, self._cancel)
         t0 = time.perf_counter()
         paths = save_result(result, self.out_dir, record.id, model=self.runner.model, provider=self.runner.provider,
                             precision=self.runner.precision, sidecar=output.sidecar, when=when)
@@ -323,6 +329,9 @@ class Service:
             removed = self.journal.prune(now - self.config.daemon.keep_days * 86400)
             if removed:
                 log.info("forgot %d finished jobs older than %g days", removed, self.config.daemon.keep_days)
+            named = set().union(*(references(job) for job in self.journal.all_jobs()))
+            if gone := self.inputs.prune(named):
+                log.info("removed %d input image(s) of forgotten jobs", gone)
 
     # --- systemd --------------------------------------------------------------------------------
     def _update_status(self) -> None:
