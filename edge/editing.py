@@ -177,7 +177,8 @@ class Edit:
                 edit.mask = images.prepare_mask(mask, original.size, width, height, job.resize_mode,
                                                 job.mask_blur, edit.notes)
         if kind == "inpaint_model" and edit.mask is None:  # repaint everything
-            edit.image = edit.image or Image.new("RGB", (width, height), (127, 127, 127))
+            if edit.image is None:
+                edit.image = Image.new("RGB", (width, height), (127, 127, 127))
             edit.mask = Image.new("L", (width, height), 255)
         return edit
 

@@ -1,9 +1,9 @@
 """Text to image: CLIP tokenizer -> text encoder -> UNet denoising loop -> VAE decoder.
 
 Edit jobs (image to image, inpainting, instruction editing; :mod:`edge.editing`) add the VAE
-encoder before the loop and start it elsewhere. The whole denoising loop is :meth:`Pipeline._denoise`. Tensor names, dtypes and static
-shapes come from the ONNX sessions (:class:`OnnxModel`), so exports that use int32 ids,
-int64 timesteps or float16 weights run unchanged.
+encoder before the loop and start it elsewhere. The whole denoising loop is
+:meth:`Pipeline._denoise`. Tensor names, dtypes and static shapes come from the ONNX sessions
+(:class:`OnnxModel`), so exports that use int32 ids, int64 timesteps or float16 weights run unchanged.
 
 Initial noise: ``numpy.random.Generator(PCG64(seed)).standard_normal(shape)`` in float64, then
 cast to float32. PCG64 and numpy's ziggurat are specified bit for bit, and drawing in float64

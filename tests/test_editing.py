@@ -214,7 +214,8 @@ def test_bad_edit_fields_are_named(field, value, words):
 
 
 def test_image_over_max_image_bytes_is_refused():
-    with pytest.raises(ValidationError, match=r"init_image: is \d+ bytes, the limit is 1000 \(limits.max_image_bytes\)"):
+    limit = r"init_image: is \d+ bytes, the limit is 1000 \(limits.max_image_bytes\)"
+    with pytest.raises(ValidationError, match=limit):
         parse_job({"prompt": "p", "init_image": b64(IMAGE_PNG)}, Limits(max_image_bytes=1000))
 
 
