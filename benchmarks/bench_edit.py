@@ -1,14 +1,14 @@
 """VAE encode cost per tier, and image to image against text to image, on a model bundle.
 
     python benchmarks/bench_edit.py [--model DIR] [--steps 20] [--runs 5] [--strength 0.5]
-    python benchmarks/bench_edit.py --encoder-only DIR/vae_encoder/model.onnx --size 512
+    python benchmarks/bench_edit.py --encoder-only DIR/vae_encoder --size 512
 
 Prints the machine, then per tier the VAE encoder's variant, its encode time (median of calls in
 a fresh process) and that process's peak RSS above its start (edge.profile.measure: the session's
 weights, pre-packed copies and activations; the int8-lowmem tier runs it as that tier does). Then
 text to image and img2img at ``--strength`` with the same steps, seed and prompt, alternated run by
 run so that machine noise hits both alike: medians and their ratio. ``--encoder-only`` times a
-bare encoder file at ``--size`` pixels (the SD-1.5-size encoder of tools/make_sd15_encoder.py).
+bare encoder folder's files at ``--size`` pixels (the SD-1.5-size encoder of tools/make_sd15_encoder.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks_common import machine
-from edge.bundle import load_bundle
+from edge.bundle import VARIANT_FILES, load_bundle
 from edge.images import b64encode
 from edge.jobs import parse_job
 from edge.profile import measure
@@ -57,9 +57,11 @@ def main() -> None:
     runtime = RuntimeOptions(threads=args.threads or physical_cores())
     print(machine())
     print("| tier | file | size | encode (median) | peak RSS | session load |\n|---|---|---|---|---|---|")
-    if args.encoder_only:
-        for label, lowmem in (("fp32", False), ("int8-lowmem settings", True)):
-            encoder_row(label, args.encoder_only, runtime, args.size, lowmem, calls=3)
+    if args.encoder_only:  # a folder of model.onnx and its variants, picked per tier as a bundle's are
+        for tier, order in TIERS.items():
+            path = next(args.encoder_only / VARIANT_FILES[p] for p in order
+                        if (args.encoder_only / VARIANT_FILES[p]).is_file())
+            encoder_row(tier, path, runtime, args.size, tier == "int8-lowmem", calls=3)
         return
     bundle = load_bundle(args.model)
     encoder = bundle.vae_encoder
