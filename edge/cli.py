@@ -132,21 +132,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .loader import load_pipeline
+    from .loader import load_pipeline, with_model_defaults
     from .output import save_result
-    config = config_from_args(args)
+    config = with_model_defaults(config_from_args(args))
     fields = _job_fields(args, JOB_FLAGS)
     job = parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits, config.defaults)
     pipeline = load_pipeline(config)
     pipeline.check(job)
     job = admit(job)
     result = pipeline.generate(job, on_step=ProgressBar())
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
     for name, n in result.tokens_dropped.items():
         if n:
             print(f"warning: {name} is longer than {pipeline.tokenizer.max_length} tokens; "
                   f"{n} tokens were dropped", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     paths = save_result(result, Path(config.output.dir).expanduser().resolve(), job.id, model=pipeline.bundle.name,
                         provider=pipeline.provider, precision=pipeline.precision, sidecar=config.output.sidecar)
     steps = result.timings["steps"]
@@ -162,6 +162,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .memory import MB, choose_plan, read_budget
     from .providers import physical_cores
+    from .tokenizer import ClipTokenizer
+    from .vocabulary import known_words
     config = config_from_args(args)
     info: dict[str, Any] = {
         "edge-imagegen": __version__,
@@ -173,7 +175,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "physical_cores": physical_cores(),
         "cpu_flags": _cpu_flags(),
     }
-    bundle = load_bundle(config.model.path)
+    bundle = load_bundle(config.model.path, config.model.decoder)
     budget = read_budget(config.memory.headroom_mb * MB)
     info["memory_budget"] = budget.describe()
     try:
@@ -182,6 +184,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except EdgeError as exc:
         info["precision"] = {"error": str(exc)}
     info["model"] = bundle.summary()
+    tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir)
+    words = known_words(tokenizer)
+    info["model"]["known_words"] = words if len(tokenizer.vocab) < 5000 else f"a CLIP vocabulary ({len(words)} words)"
     print(json.dumps(info, indent=2))
     return 0
 
@@ -223,7 +228,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
-    return serve(config_from_args(args))
+    from .loader import with_model_defaults
+    return serve(with_model_defaults(config_from_args(args)))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -257,6 +263,8 @@ def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO =
                 if message["status"] != "ok":
                     print(f"error: {message['error']}", file=err)
                     return 2
+                for warning in message.get("warnings", ()):
+                    print(f"warning: {warning}", file=err)
                 for p in message["paths"]:
                     print(p, file=out)
                 return 0

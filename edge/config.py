@@ -24,6 +24,7 @@ from .jobs import Defaults, Limits
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-lowmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 OPT_LEVEL_NAMES = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimization levels
+VAE_TILING_MODES = ("auto", "on", "off")  # edge.tiling
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class RuntimeOptions:
     cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
     memory_arena: bool = True
     prepack: bool = True  # False: weights stay in the file's mapped pages, no second packed copy
+    vae_tiling: str = "auto"  # auto: the lowmem tier tiles when a whole decode would not fit; on; off
+    vae_tile_size: int = 0  # tile side in pixels; 0: the largest that fits the memory budget
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     path: str | None = None  # None: the embedded model
     precision: str = "auto"
+    decoder: str | None = None  # a VAE decoder folder (e.g. TAESD) used instead of the bundle's
 
 
 @dataclass(frozen=True)
@@ -137,10 +141,11 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": PRECISIONS,
     "runtime.graph_optimization": OPT_LEVEL_NAMES,
+    "runtime.vae_tiling": VAE_TILING_MODES,
     "log_level": LOG_LEVELS,
     "mqtt.protocol": ("mqttv5", "mqttv311"),
 }
-NON_NEGATIVE = ("runtime.threads", "memory.headroom_mb",
+NON_NEGATIVE = ("runtime.threads", "runtime.vae_tile_size", "memory.headroom_mb",
                 "output.min_free_mb", "output.max_bytes", "output.max_age_days",
                 "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
                 "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",

@@ -15,8 +15,9 @@ Tiers, most faithful first; each picks per component the first variant the bundl
                                            blocks returned to the kernel at once
 
 A component's footprint is its peak RSS measured by ``edge-imagegen profile`` (variants.json);
-without a measurement it is estimated as twice the file size (weights plus ONNX Runtime's
-pre-packed copies and activations), and the plan says so.
+without a measurement it is estimated as twice the bytes the model loads (the graph file and the
+external-data files it names: weights plus ONNX Runtime's pre-packed copies and activations),
+and the plan says so.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, Bundle
 from .errors import MemoryBudgetError
+from .onnx_files import model_bytes
 from .variants import read_manifest
 
 log = logging.getLogger(__name__)
@@ -132,10 +134,12 @@ def footprint(bundle: Bundle, manifest: dict, component: str, precision: str,
               lowmem: bool = False) -> tuple[int, bool]:
     """(bytes, measured) for one component variant, run resident or the lowmem tier's way."""
     entry = manifest.get("components", {}).get(component, {}).get(precision, {})
+    if bundle.components[component].folder != bundle.root / component:
+        entry = {}  # a model.decoder folder: variants.json measured the bundle's own decoder
     for key in ("lowmem_peak_rss_bytes", "peak_rss_bytes") if lowmem else ("peak_rss_bytes",):
         if isinstance(entry.get(key), int):
             return entry[key], True
-    return bundle.components[component].variants[precision].stat().st_size * ESTIMATE_FACTOR, False
+    return model_bytes(bundle.components[component].variants[precision]) * ESTIMATE_FACTOR, False
 
 
 def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:

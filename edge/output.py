@@ -154,8 +154,8 @@ def save_result(result: Result, out_dir: Path, job_id: str, *, model: str, provi
     when = when or datetime.now(timezone.utc)
     extra = {"scheduler": result.scheduler, "timings": result.timings, "tokens_dropped": result.tokens_dropped,
              "precision": precision, "provider": provider, "version": __version__}
-    if result.notes:
-        extra["notes"] = result.notes
+    if result.warnings:
+        extra["warnings"] = result.warnings
     paths = [image_path(out_dir, job_id, img.seed, when) for img in result.images]
     try:
         for img in result.images:

@@ -28,9 +28,11 @@ from . import editing, schedulers
 from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
 from .jobs import Job, Step
-from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, trim_heap
+from .memory import Plan, ensure_room_for_job, fixed_plan, lean_malloc, read_budget, trim_heap
 from .providers import RuntimeOptions, make_session
+from .tiling import choose_tile, decode_tiled
 from .tokenizer import ClipTokenizer
+from .vocabulary import prompt_warning
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ class Result:
     sampler: str
     tokens_dropped: dict[str, int]
     timings: dict[str, float | list[float]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # for the user: e.g. a prompt the model cannot read
     parameters: dict[str, str] = field(default_factory=dict)  # edit settings for the PNG, A1111's names
-    notes: list[str] = field(default_factory=list)  # what was changed in the inputs (mask resized, ...)
 
 
 @dataclass(frozen=True)
@@ -246,8 +248,16 @@ class Pipeline:
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         latents = latents / self.bundle.vae_scaling_factor + self.bundle.vae_shift_factor
-        pixels = self.vae_decoder(**{self._latent_name: latents})[0]
-        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+
+        def run(z: np.ndarray) -> np.ndarray:
+            return self.vae_decoder(**{self._latent_name: z})
+
+        _, _, sh, sw = self.vae_decoder.shape(self._latent_name)
+        tile = choose_tile(self.runtime.vae_tiling, self.runtime.vae_tile_size, latents.shape[2:], (sh, sw),
+                           self.bundle.vae_scale, self.bundle.vae_channels, self.plan.lowmem,
+                           lambda: read_budget(self.headroom or 0).bytes)
+        pixels = (decode_tiled(run, latents, tile, self.bundle.vae_scale) if tile else run(latents))[0]
+        pixels = np.clip(pixels / 2 + 0.5, 0.0, 1.0).transpose(1, 2, 0)  # [-1, 1], AutoencoderTiny's too
         return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
 
     # --- a whole job -------------------------------------------------------------------------
@@ -297,7 +307,7 @@ class Pipeline:
                 rng = make_rng(job.seed + k)
                 scheduler.set_timesteps(job.steps)
                 start = edit.start(scheduler, lambda shape: gaussian(rng, shape), shape, cond, uncond,
-                                   self.bundle.vae_scaling_factor, self.bundle.vae_shift_factor)
+                                   self.bundle.encoder_scaling_factor, self.bundle.vae_shift_factor)
                 steps = len(scheduler.timesteps) - start.index
                 finals.append(self._denoise(start, job, scheduler, rng, reporter(k), cancel))
         t2 = time.perf_counter()
@@ -309,7 +319,8 @@ class Pipeline:
         return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
                       sampler=schedulers.sampler_label(scheduler),
                       tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
-                      parameters=edit.parameters(), notes=edit.notes)
+                      warnings=[w for w in (prompt_warning(self.tokenizer, job.prompt, self.bundle.name),) if w]
+                      + edit.notes, parameters=edit.parameters())
 
 
 @contextmanager

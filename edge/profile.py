@@ -24,6 +24,7 @@ from .bundle import COMPONENTS, Bundle
 from .images import png_base64
 from .jobs import parse_job
 from .memory import fixed_plan, lean_malloc, tier_plan
+from .onnx_files import model_bytes
 from .pipeline import Pipeline, record_inputs
 from .providers import RuntimeOptions, make_session
 from .variants import update_manifest
@@ -143,7 +144,7 @@ def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), c
     for comp in components or tuple(bundle.components):
         results[comp] = {}
         for precision, path in bundle.components[comp].variants.items():
-            entry = {"bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*")),
+            entry = {"bytes": model_bytes(path),
                      **measure(path, runtime, feeds[comp], calls)}
             if precision == lowmem[comp]:
                 entry["lowmem_peak_rss_bytes"] = measure_lowmem(path, runtime, feeds[comp])

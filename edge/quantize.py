@@ -31,6 +31,7 @@ from .errors import EdgeError
 from .jobs import parse_job
 from .images import png_base64
 from .memory import fixed_plan, trim_heap
+from .onnx_files import model_bytes
 from .pipeline import Pipeline, record_inputs
 from .profile import Fidelity, single_items
 from .providers import RuntimeOptions
@@ -100,7 +101,7 @@ def activation_matmuls(path: Path) -> list[str]:
 
 
 def _big(path: Path) -> bool:
-    return sum(p.stat().st_size for p in path.parent.glob("model.onnx*")) > EXTERNAL_DATA_BYTES
+    return model_bytes(path) > EXTERNAL_DATA_BYTES
 
 
 def _dynamic(src: Path, dst: Path, op_types: list[str]) -> None:

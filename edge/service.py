@@ -311,15 +311,21 @@ class Service:
                    "step_mean": round(sum(steps) / len(steps), 4) if steps else None,
                    "save": round(time.perf_counter() - t0, 4)}
         disk.prune(self.out_dir, output.max_bytes, output.max_age_days, keep=set(paths))
-        return self._result(record, paths, timings)
+        for warning in result.warnings:
+            log.warning("job %s: %s", record.id, warning)
+        return self._result(record, paths, timings, result.warnings)
 
-    def _result(self, record: JobRecord, paths: list[Path], timings: dict[str, Any]) -> dict[str, Any]:
+    def _result(self, record: JobRecord, paths: list[Path], timings: dict[str, Any],
+                warnings: list[str] | None = None) -> dict[str, Any]:
         now = time.time()
         timings = {"wait": round((record.started or now) - record.submitted, 4), **timings,
                    "total": round(now - record.submitted, 4)}
-        return {"paths": [str(p) for p in paths], "seeds": [record.job.seed + k for k in range(record.job.count)],
+        body = {"paths": [str(p) for p in paths], "seeds": [record.job.seed + k for k in range(record.job.count)],
                 "timings": timings, "model": self.runner.model, "precision": self.runner.precision,
                 "provider": self.runner.provider}
+        if warnings:
+            body["warnings"] = warnings
+        return body
 
     def _maintain(self) -> None:
         """Idle-time housekeeping: forget old finished jobs (once an hour)."""

@@ -127,3 +127,11 @@ def test_quantize_without_onnx_stops_at_once_with_the_install_hint(bundle_copy, 
     assert main(["quantize", str(bundle_copy)]) == 2
     assert "pip install 'edge-imagegen[quantize]'" in capsys.readouterr().err
     assert sorted(p.name for p in bundle_copy.rglob("*")) == before  # nothing written, nothing removed
+
+
+def test_an_off_domain_prompt_warns_and_still_writes_the_image(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "edge.cli", "generate", "a cat on a sofa", "--steps", "2", "--seed", "1",
+                          "--out", str(tmp_path)], capture_output=True, text=True, cwd="/", timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "warning: prompt: most of its words are unknown to knolling-tiny" in run.stderr
+    assert "unknown: cat, sofa" in run.stderr and Path(run.stdout.strip()).is_file()

@@ -158,8 +158,8 @@ def test_lowmem_tier_loads_the_encoder_only_while_encoding(kinds):
 def test_mask_of_another_size_and_colour_is_resized_and_converted_with_notes(kinds):
     rgb_mask = Image.open(io.BytesIO(MASK_PNG)).convert("RGB").resize((64, 64), Image.Resampling.NEAREST)
     result = kinds["plain"].generate(edit_job(mask=b64(png(rgb_mask)), steps=2))
-    assert any("converted from RGB to greyscale" in n for n in result.notes)
-    assert any("resized from 64x64 to the init image's 128x128" in n for n in result.notes)
+    assert any("converted from RGB to greyscale" in n for n in result.warnings)
+    assert any("resized from 64x64 to the init image's 128x128" in n for n in result.warnings)
 
 
 def test_init_image_of_another_size_is_resized_by_resize_mode(kinds):

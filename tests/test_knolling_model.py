@@ -61,6 +61,16 @@ def test_red_and_blue_prompts_differ_in_colour_not_just_noise(pipeline):
     assert area(blue, "blue") > 3 * area(red, "blue")
 
 
+@pytest.mark.parametrize("steps", [20, 50])
+def test_ddim_draws_parts_on_white_not_noise(pipeline, steps):
+    """DDIM's pixel-space defaults (clip x0 to [-1, 1]) once turned every image to pink noise."""
+    found = [adherence.analyze(pipeline.generate(parse_job({"prompt": "knolling of 3 red gears", "seed": s,
+                                                            "steps": steps, "scheduler": "ddim"})).images[0].image)
+             for s in range(4)]
+    assert all(a.background_share >= 0.98 for a in found), [round(a.background_share, 3) for a in found]
+    assert sum(a.dominant_colour == "red" for a in found) >= 3
+
+
 # --- edits: the shipped VAE encoder (tools/train_vae_encoder.py, trained against the shipped decoder) --
 
 

@@ -159,3 +159,20 @@ def test_sample_groups_respects_limits():
         groups = scenes.sample_groups(rng)
         assert 1 <= sum(g.count for g in groups) <= scenes.MAX_PARTS and 1 <= len(groups) <= 3
         assert len({(g.colour, g.part) for g in groups}) == len(groups)
+
+
+def test_distinct_layouts_tells_moved_parts_apart():
+    """The diversity metric on ground truth: one rendered scene moved by 12 px in eight directions is
+    eight layouts; the same scene eight times is one; a jitter of 2 px is still the same layout."""
+    base = scenes.render((scenes.Group("red", "gear", 3),), "knolling", 0).image
+
+    def moved(dx, dy):
+        return adherence.analyze(base.transform(base.size, Image.AFFINE, (1, 0, -dx, 0, 1, -dy),
+                                                fillcolor=(255, 255, 255)))
+
+    offsets = [(0, 0), (12, 0), (-12, 0), (0, 12), (0, -12), (12, 12), (-12, -12), (12, -12)]
+    assert adherence.distinct_layouts([moved(dx, dy) for dx, dy in offsets]) == 8
+    assert adherence.distinct_layouts([moved(0, 0)] * 8) == 1
+    assert adherence.same_layout(moved(0, 0), moved(2, -2))
+    assert not adherence.same_layout(moved(0, 0), adherence.analyze(
+        scenes.render((scenes.Group("red", "gear", 2),), "knolling", 0).image))  # another count

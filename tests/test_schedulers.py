@@ -270,3 +270,14 @@ def test_float16_model_output_gives_float32_samples():
     for i in range(3):
         x = sched.step(np.full(x.shape, 0.1, np.float16), i, x)
         assert x.dtype == np.float32
+
+
+def test_an_override_onto_a_config_without_ddims_fields_gets_latent_safe_values():
+    euler = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+             "beta_end": 0.012, "steps_offset": 1}
+    ddim = from_config(euler, "ddim")
+    assert (ddim.clip_sample, float(ddim.final_alpha_cumprod)) == (False, float(ddim.alphas_cumprod[0]))
+    kept = from_config({**euler, "clip_sample": True, "set_alpha_to_one": True}, "ddim")  # what a config says wins
+    assert (kept.clip_sample, float(kept.final_alpha_cumprod)) == (True, 1.0)
+    native = from_config({**euler, "_class_name": "DDIMScheduler"})  # not an override: DDIM's own defaults
+    assert native.clip_sample is True

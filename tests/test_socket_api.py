@@ -232,3 +232,12 @@ def test_socket_activation_uses_fd_3_and_never_unlinks(tmp_path, daemons):
     with SocketClient(path, timeout=5):  # and still listening (our copy of the fd keeps it)
         pass
     listener.close()
+
+
+def test_an_off_domain_prompt_warns_in_the_result(served):
+    s = served()
+    with s.client() as c:
+        result = list(c.submit_and_watch({"id": "cat", "prompt": "a cat on a sofa", "steps": 2}))[-1]
+        known = list(c.submit_and_watch({"id": "gear", "prompt": "knolling of 3 red gears", "steps": 2}))[-1]
+    assert result["status"] == "ok" and "unknown: cat, sofa" in result["warnings"][0]
+    assert "warnings" not in known

@@ -267,3 +267,15 @@ def test_malformed_optional_json_is_named(tmp_path):
     (folder / "special_tokens_map.json").write_text("[1, 2]", encoding="utf-8")
     with pytest.raises(BundleError, match=r"special_tokens_map.json: holds a JSON list"):
         ClipTokenizer.from_dir(folder)
+
+
+def test_a_prompt_the_model_cannot_read_is_named():
+    from edge.bundle import load_bundle
+    from edge.vocabulary import known_words, prompt_warning
+    small = ClipTokenizer.from_dir(load_bundle().tokenizer_dir)
+    warning = prompt_warning(small, "a cat on a sofa", "knolling-tiny")
+    assert warning and "unknown: cat, sofa" in warning and "gears" in warning and "hite" not in warning
+    assert prompt_warning(small, "knolling of 3 red gears, high quality studio photo", "knolling-tiny") is None
+    assert {"gear", "red", "knolling", "exploded", "white"} <= set(known_words(small))
+    clip = ClipTokenizer.from_dir(VOCAB_DIR)  # every English word is a CLIP token
+    assert prompt_warning(clip, "a cat on a sofa", "sd") is None

@@ -24,7 +24,9 @@ Per generated image, for a request of ``count`` parts of one ``colour``:
 * background: ``background share >= 0.95``; the table also gives the mean share.
 
     python tools/adherence.py validate [--n 300]        # analyzer vs renderer ground truth
-    python tools/adherence.py evaluate --model DIR [--precision fp32 int8] [--n 100]
+    python tools/adherence.py evaluate --model DIR [--precision fp32 int8] [--n 100] [--scheduler euler ddim ...]
+                                       [--filler]   # also with filler phrases appended to every prompt
+    python tools/adherence.py diversity --model DIR [--precision fp32 int8] [--seeds 8]
 
 ``evaluate`` prompts with (colour, part, count) triples from ``scenes.HELD_OUT``, which the
 training sampler never draws, so it measures generalisation rather than recall of captions.
@@ -39,7 +41,7 @@ import logging
 import random
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -213,6 +215,10 @@ class Outcome:
         return self.dominant_colour == self.case.colour
 
     @property
+    def count_exact(self) -> bool:
+        return self.parts == self.case.count
+
+    @property
     def count_within_one(self) -> bool:
         return self.parts >= 1 and abs(self.parts - self.case.count) <= 1
 
@@ -241,13 +247,14 @@ def judge(case: Case, image: Image.Image) -> Outcome:
 def summarize(outcomes: list[Outcome]) -> dict[str, float]:
     n = len(outcomes)
     return {"colour_match": sum(o.colour_match for o in outcomes) / n,
+            "count_exact": sum(o.count_exact for o in outcomes) / n,
             "count_within_one": sum(o.count_within_one for o in outcomes) / n,
             "background_share": float(np.mean([o.background_share for o in outcomes])),
             "background_ok": sum(o.background_ok for o in outcomes) / n}
 
 
-def generate_outcomes(model: Path, precision: str, cases: list[Case], steps: int, guidance: float,
-                      threads: int, save: Path | None) -> list[Outcome]:
+def _pipeline(model: Path, precision: str, threads: int):
+    """The bundle at one precision tier, and the job parser (imported here: the analyzer needs no runtime)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from edge.bundle import load_bundle
     from edge.jobs import parse_job
@@ -259,10 +266,16 @@ def generate_outcomes(model: Path, precision: str, cases: list[Case], steps: int
     plan = tier_plan(bundle, load_manifest(bundle), precision)
     if precision != "fp32" and set(plan.precisions.values()) == {"fp32"}:
         raise SystemExit(f"{model} has no {precision} variants (run `edge-imagegen quantize` first)")
-    pipe = Pipeline(bundle, RuntimeOptions(threads=threads), plan)
+    return Pipeline(bundle, RuntimeOptions(threads=threads), plan), parse_job
+
+
+def generate_outcomes(model: Path, precision: str, cases: list[Case], steps: int, guidance: float,
+                      threads: int, save: Path | None, scheduler: str | None = None) -> list[Outcome]:
+    pipe, parse_job = _pipeline(model, precision, threads)
     outcomes, images = [], []
     for case in cases:
-        job = parse_job({"prompt": case.prompt, "seed": case.seed, "steps": steps, "guidance": guidance})
+        job = parse_job({"prompt": case.prompt, "seed": case.seed, "steps": steps, "guidance": guidance,
+                         "scheduler": scheduler})
         image = pipe.generate(job).images[0].image
         outcomes.append(judge(case, image))
         images.append(image)
@@ -275,6 +288,51 @@ def generate_outcomes(model: Path, precision: str, cases: list[Case], steps: int
             [dict(asdict(o), colour_match=o.colour_match, count_within_one=o.count_within_one) for o in outcomes],
             indent=1) + "\n")
     return outcomes
+
+
+# --- diversity across seeds ------------------------------------------------------------------
+LAYOUT_TOLERANCE = 6.0  # pixels at 128x128: parts whose centres are this close on average are in the same place
+FILLERS = (", on a pure white background", ", high quality studio photo, top view")
+DIVERSITY_PROMPTS = ("knolling of 3 red gears", "exploded view of 2 blue batteries", "flat lay of 4 green screws",
+                     "parts laid out: 2 yellow springs and a purple lens")
+
+
+def same_layout(a: Analysis, b: Analysis) -> bool:
+    """Same number of parts, each near a part of the other (greedy nearest match of centres)."""
+    if len(a.parts) != len(b.parts):
+        return False
+    others, total = [p.centre for p in b.parts], 0.0
+    for part in a.parts:
+        x, y = part.centre
+        j = min(range(len(others)), key=lambda k: (others[k][0] - x) ** 2 + (others[k][1] - y) ** 2)
+        ox, oy = others.pop(j)
+        total += ((ox - x) ** 2 + (oy - y) ** 2) ** 0.5
+    return not a.parts or total / len(a.parts) < LAYOUT_TOLERANCE
+
+
+def distinct_layouts(analyses: list[Analysis]) -> int:
+    """How many of the images are not the same layout as an earlier one."""
+    kept: list[Analysis] = []
+    for analysis in analyses:
+        if not any(same_layout(analysis, k) for k in kept):
+            kept.append(analysis)
+    return len(kept)
+
+
+def diversity(model: Path, precision: str, prompts: tuple[str, ...], seeds: int, steps: int, guidance: float,
+              threads: int, scheduler: str | None = None) -> dict[str, float]:
+    """Per prompt, the distinct layouts among ``seeds`` seeds and the mean pixel difference between seeds."""
+    pipe, parse_job = _pipeline(model, precision, threads)
+    layouts, differences = [], []
+    for prompt in prompts:
+        images = [np.asarray(pipe.generate(parse_job({"prompt": prompt, "seed": seed, "steps": steps,
+                                                       "guidance": guidance, "scheduler": scheduler}))
+                             .images[0].image, dtype=np.float64) for seed in range(seeds)]
+        layouts.append(distinct_layouts([analyze(Image.fromarray(i.astype(np.uint8))) for i in images]))
+        differences.append(np.mean([np.abs(images[i] - images[j]).mean()
+                                    for i in range(seeds) for j in range(i + 1, seeds)]))
+    return {"distinct_layouts": float(np.mean(layouts)), "min_distinct_layouts": float(min(layouts)),
+            "pixel_difference": float(np.mean(differences)), "seeds": seeds}
 
 
 def zero_mean_starting_noise() -> None:
@@ -297,6 +355,7 @@ def zero_mean_starting_noise() -> None:
 
 def print_table(results: dict[str, dict[str, float]], n: int) -> None:
     rows = (("colour match", "colour_match", GOALS["colour_match"]),
+            ("count exact", "count_exact", None),
             ("count within one", "count_within_one", GOALS["count_within_one"]),
             ("background near-white (mean share)", "background_share", GOALS["background_share"]),
             ("images with background >= 95%", "background_ok", None))
@@ -321,6 +380,16 @@ def main() -> None:
     e.add_argument("--guidance", type=float, default=7.5)
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: physical cores)")
     e.add_argument("--save", type=Path, help="write the images, a grid and per-image outcomes here")
+    e.add_argument("--scheduler", nargs="+", default=[None], help="schedulers to compare (default: the bundle's)")
+    e.add_argument("--filler", action="store_true", help="also with each of FILLERS appended to every prompt")
+    d = sub.add_parser("diversity", help="distinct layouts across seeds of the same prompt")
+    d.add_argument("--model", type=Path, required=True)
+    d.add_argument("--precision", nargs="+", default=["fp32"], choices=("fp32", "fp16", "int8", "int8-lowmem"))
+    d.add_argument("--seeds", type=int, default=8)
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--guidance", type=float, default=7.5)
+    d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--scheduler", nargs="+", default=[None])
     e.add_argument("--zero-mean-noise", action="store_true",
                    help="diagnostic: remove the per-channel mean of the starting noise (does the model read "
                         "colour from the seed's noise mean? see benchmarks/README.md)")
@@ -334,11 +403,29 @@ def main() -> None:
         print(f"  all colours right    {100 * result.scene_colour:.1f}% of scenes")
         print(f"  background share min {100 * result.background_min:.1f}%")
         sys.exit(0 if min(result.count_exact, result.part_colour) >= 0.95 else 1)
+    if args.command == "diversity":
+        for p in args.precision:
+            for sched in args.scheduler:
+                found = diversity(args.model, p, DIVERSITY_PROMPTS, args.seeds, args.steps, args.guidance,
+                                  args.threads, sched)
+                print(f"{p} {sched or 'bundle'}: distinct layouts of {args.seeds} seeds, mean over "
+                      f"{len(DIVERSITY_PROMPTS)} prompts {found['distinct_layouts']:.2f} (lowest "
+                      f"{found['min_distinct_layouts']:.0f}); mean pixel difference {found['pixel_difference']:.1f}/255")
+        return
     if args.zero_mean_noise:
         zero_mean_starting_noise()
     cases = evaluation_cases(args.n)
-    results = {p: summarize(generate_outcomes(args.model, p, cases, args.steps, args.guidance, args.threads,
-                                              args.save)) for p in args.precision}
+    variants = {"": cases}
+    if args.filler:
+        variants.update({f: [replace(c, prompt=c.prompt + f) for c in cases] for f in FILLERS})
+    results = {}
+    for suffix, chosen in variants.items():
+        for sched in args.scheduler:
+            for p in args.precision:
+                label = " ".join(filter(None, (p, sched, f"+'{suffix.strip(', ')}'" if suffix else "")))
+                save = args.save / label.replace(" ", "_").replace("'", "") if args.save else None
+                results[label] = summarize(generate_outcomes(args.model, p, chosen, args.steps, args.guidance,
+                                                             args.threads, save, sched))
     print_table(results, args.n)
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import shutil
@@ -150,10 +151,17 @@ DIFFUSERS_SCHEDULERS = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestr
 
 
 def scheduler_for(pipe, name: str | None):
+    """The diffusers scheduler edge.schedulers.from_config builds for an override ``name``: the
+    bundle's fields, and edge's latent-safe values for clip_sample/set_alpha_to_one it lacks."""
     if name is None:
         return pipe.scheduler
-    extra = {"use_karras_sigmas": True} if name == "dpmpp_2m_karras" else {}
-    return DIFFUSERS_SCHEDULERS[name].from_config(pipe.scheduler.config, **extra)
+    cls = DIFFUSERS_SCHEDULERS[name]
+    bundle_fields = json.loads((TINY_SD / "scheduler" / "scheduler_config.json").read_text())
+    extra = {k: v for k, v in schedulers.LATENT_SAFE.items()
+             if k not in bundle_fields and k in inspect.signature(cls).parameters}
+    if name == "dpmpp_2m_karras":
+        extra["use_karras_sigmas"] = True
+    return cls.from_config(pipe.scheduler.config, **extra)
 
 
 def add_noise_references(config: dict) -> dict[str, np.ndarray]:

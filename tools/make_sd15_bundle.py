@@ -25,6 +25,14 @@ from make_tiny_bundle import copy_bundle  # noqa: E402
 from make_tokenizer_fixtures import write_clip_vocab  # noqa: E402
 
 
+def build_vae() -> AutoencoderKL:
+    """The SD VAE's architecture (seed it first)."""
+    return AutoencoderKL(
+        sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
 def build_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -37,10 +45,7 @@ def build_pipeline(tokenizer_dir: Path) -> StableDiffusionPipeline:
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    vae = build_vae()
     # SD 1.5 ships PNDM; edge-imagegen falls back to Euler for it (logged), as for a user's bundle.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)

@@ -18,7 +18,9 @@ class and keeps the fields both classes know, as diffusers' ``NewScheduler.from_
 does: num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, prediction_type,
 timestep_spacing, steps_offset, rescale_betas_zero_snr, ... A field the new class does not have is
 dropped; one the config lacks takes the new class's diffusers default (e.g. an SD 1.5 PNDM config
-has no timestep_spacing, so Euler uses "linspace" and DDIM "leading"). The two DPM++ names pin
+has no timestep_spacing, so Euler uses "linspace" and DDIM "leading"), except ``clip_sample`` and
+``set_alpha_to_one`` (:data:`LATENT_SAFE`): DDIM's defaults for them are pixel-space ones that turn
+latents into noise, so an override onto a config that lacks them gets ``false``, as SD bundles ship. The two DPM++ names pin
 use_karras_sigmas (``dpmpp_2m_karras`` = DPM++ 2M with use_karras_sigmas=True). An unknown name
 raises ValidationError("scheduler"); a config value a scheduler does not implement raises
 ConfigError naming the field.
@@ -86,6 +88,9 @@ CLASS_NAMES: dict[str, str] = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
 }
 FALLBACK = "euler"
+# Fields a latent-diffusion bundle's config may lack when another class wrote it (an Euler config
+# has no clip_sample): the values SD bundles ship, used instead of the class's pixel-space defaults.
+LATENT_SAFE: dict[str, bool] = {"clip_sample": False, "set_alpha_to_one": False}
 
 # AUTOMATIC1111's "Sampler:" names, which image viewers and sites parse from the parameters text.
 LABELS: dict[str, str] = {
@@ -124,6 +129,12 @@ def from_config(config: dict[str, Any], override: str | None = None) -> Schedule
               if key in accepted and key not in defaulted and not key.startswith("_")}
     if cls is DPMSolverMultistepScheduler:
         fields["use_karras_sigmas"] = name == "dpmpp_2m_karras"
+    for key, value in LATENT_SAFE.items() if override is not None else ():
+        if key in accepted and key not in config:
+            # DDIM's own defaults (clip x0 to [-1, 1], final alpha 1) are for pixel-space models: on
+            # latents they clip the sample and turn it to noise. SD bundles set both false.
+            log.info("scheduler_config.json has no %s; using %s=%s for %s (latent diffusion)", key, key, value, name)
+            fields[key] = value
     try:
         return cls(**fields)
     except (TypeError, ValueError) as exc:  # e.g. "steps_offset": null or "beta_start": "x"

@@ -1,0 +1,85 @@
+"""A bundle's edge.json: its model's recommended steps, guidance and scheduler as job defaults."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon_harness import daemons  # noqa: F401 (fixture)
+from edge.bundle import load_bundle
+from edge.loader import with_model_defaults
+from edge.config import load_config
+from edge.errors import BundleError
+from edge.jobs import Defaults, parse_job
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True,
+                          timeout=120, cwd="/")
+
+
+def test_recommended_values_become_the_job_defaults(bundle_copy):
+    (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1, "scheduler": "euler_a"}')
+    bundle = load_bundle(bundle_copy)
+    assert bundle.recommended == {"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}
+    defaults = bundle.job_defaults(Defaults(negative_prompt="blurry"))
+    assert defaults == Defaults(negative_prompt="blurry", steps=2, guidance=1.0, scheduler="euler_a")
+    job = parse_job({"prompt": "a gear"}, defaults=defaults)
+    assert (job.steps, job.guidance, job.scheduler, job.negative_prompt) == (2, 1.0, "euler_a", "blurry")
+    job = parse_job({"prompt": "a gear", "steps": 9, "guidance": 5, "scheduler": "ddim"}, defaults=defaults)
+    assert (job.steps, job.guidance, job.scheduler) == (9, 5.0, "ddim")  # the job's own fields win
+    config = with_model_defaults(load_config(overrides={"model.path": str(bundle_copy)}))
+    assert config.defaults == Defaults(steps=2, guidance=1.0, scheduler="euler_a")  # what serve validates with
+
+
+def test_without_edge_json_the_config_defaults_stay(bundle_copy):
+    assert load_bundle(bundle_copy).recommended == {}
+    config = load_config(overrides={"model.path": str(bundle_copy), "defaults.steps": 7})
+    assert with_model_defaults(config).defaults.steps == 7
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"step": 2}', "edge.json: step: unknown key; known keys: steps, guidance, scheduler"),
+    ('{"steps": "two"}', "edge.json: steps: must be a int, got 'two'"),
+    ('{"steps": 0}', "edge.json: steps: must be 1 or more, got 0"),
+    ('{"guidance": true}', "edge.json: guidance: must be a number"),
+    ('{"guidance": -1}', "edge.json: guidance: must be 0 or more"),
+    ('{"scheduler": "pndm"}', "edge.json: scheduler: 'pndm' is not one of euler, euler_a"),
+    ('[1]', "edge.json: holds a JSON list"),
+])
+def test_bad_edge_json_names_the_file_and_key(bundle_copy, text, words):
+    (bundle_copy / "edge.json").write_text(text)
+    with pytest.raises(BundleError, match=words.replace("(", r"\(")):
+        load_bundle(bundle_copy)
+
+
+def test_generate_and_doctor_use_them(bundle_copy, tmp_path):
+    (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}')
+    proc = cli("generate", "knolling of 2 red gears", "--seed", "3", "--model", str(bundle_copy),
+               "--out", str(tmp_path / "a"))
+    assert proc.returncode == 0, proc.stderr
+    sidecar = json.loads(Path(proc.stdout.split()[0]).with_suffix(".json").read_text())
+    request = sidecar["request"]
+    assert (request["steps"], request["guidance"], request["scheduler"]) == (2, 1.0, "euler_a")
+    assert sidecar["sampler"] == "Euler a" and len(sidecar["timings"]["steps"]) == 2
+    proc = cli("generate", "knolling of 2 red gears", "--seed", "3", "--steps", "3", "--model", str(bundle_copy),
+               "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    request = json.loads(Path(proc.stdout.split()[0]).with_suffix(".json").read_text())["request"]
+    assert (request["steps"], request["guidance"], request["scheduler"]) == (3, 1.0, "euler_a")
+    doctor = json.loads(cli("doctor", "--model", str(bundle_copy)).stdout)
+    assert doctor["model"]["recommended"] == {"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}
+
+
+def test_serve_uses_them_for_jobs_that_leave_them_out(bundle_copy, daemons):
+    (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}')
+    d = daemons("rec", config={"model": {"path": str(bundle_copy)}}).start()
+    with d.client() as c:
+        for job, steps in (({"prompt": "a gear", "seed": 1}, 2), ({"prompt": "a gear", "seed": 1, "steps": 3}, 3)):
+            messages = list(c.submit_and_watch(job))
+            assert messages[-1]["status"] == "ok", messages[-1]
+            assert [m["step"] for m in messages if m.get("event") == "progress"] == list(range(1, steps + 1))
+            stored = c.request({"op": "get", "id": messages[0]["id"]})["job"]["job"]
+            assert (stored["steps"], stored["guidance"], stored["scheduler"]) == (steps, 1.0, "euler_a")
