@@ -25,7 +25,10 @@ Encoded latents are, as the respective pipeline takes them: img2img and inpainti
 encoder's posterior (``mean + std * noise``, the noise drawn from the job's generator before the
 initial noise: diffusers' retrieve_latents in its default "sample" mode) times scaling_factor;
 InstructPix2Pix the posterior mean ("argmax" mode), unscaled. The generator's draws come in
-diffusers' order, so a seed gives the same image as diffusers with the same draws.
+diffusers' order, so a seed gives the same image as diffusers with the same draws; one exception:
+with a 4-channel UNet diffusers also encodes the masked image (and never uses it), drawing one more
+posterior sample that is skipped here, so with a noise-drawing scheduler (euler_a, lcm) the later
+step noise differs from diffusers' for that case.
 """
 
 from __future__ import annotations
