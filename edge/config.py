@@ -8,6 +8,7 @@ dataclass defaults are the built-in defaults, and configs/default.yaml spells th
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import types
 import typing
@@ -117,6 +118,21 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP front end (edge.comms.http): the page, the native, AUTOMATIC1111 and OpenAI APIs."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 7860  # AUTOMATIC1111's
+    token_file: str | None = None  # file whose first line is the bearer token; required off loopback
+    max_body_bytes: int = 65536
+    request_timeout: float = 300.0  # a synchronous call (A1111, OpenAI) waits this long, then 504
+    preview_every: int = 1  # steps between previews for a watcher; 0: no previews
+    examples: tuple[str, ...] = ()  # example prompts on the kiosk start screen
+    kiosk_idle_seconds: float = 120.0  # kiosk mode returns to the start screen after this long idle
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     blocked_words: tuple[str, ...] = ()
     blocked_patterns: tuple[str, ...] = ()
@@ -133,6 +149,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     socket: SocketConfig = field(default_factory=SocketConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "info"
 
@@ -149,7 +166,9 @@ NON_NEGATIVE = ("runtime.threads", "runtime.vae_tile_size", "memory.headroom_mb"
                 "output.min_free_mb", "output.max_bytes", "output.max_age_days",
                 "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
                 "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",
-                "mqtt.progress_interval", "mqtt.reconnect_min_delay", "mqtt.reconnect_max_delay")
+                "mqtt.progress_interval", "mqtt.reconnect_min_delay", "mqtt.reconnect_max_delay",
+                "http.port", "http.max_body_bytes", "http.request_timeout", "http.preview_every",
+                "http.kiosk_idle_seconds")
 
 
 def _type_name(tp: Any) -> str:
@@ -260,6 +279,7 @@ def _check_daemon_sections(config: Config) -> None:
         raise ConfigError(f"socket.mode: {config.socket.mode!r} is not an octal file mode like \"0660\"") from None
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"socket.mode: {config.socket.mode!r} is not a file mode (0000 to 0777)")
+    _check_http(config)
     for i, pattern in enumerate(config.policy.blocked_patterns):
         try:
             re.compile(pattern)
@@ -277,3 +297,24 @@ def _check_daemon_sections(config: Config) -> None:
                                   or (name == "fleet_group" and "/" in value)):
             raise ConfigError(f"mqtt.{name}: {value!r} must be a non-empty topic without wildcards "
                               f"(+, #) or a trailing '/'" + (" and without '/'" if name == "fleet_group" else ""))
+
+
+def _check_http(config: Config) -> None:
+    """Anything but loopback is reachable by others: it needs a token."""
+    http = config.http
+    if not http.enabled:
+        return
+    if http.port > 65535:
+        raise ConfigError(f"http.port: must be at most 65535, got {http.port}")
+    if http.token_file is None and not is_loopback(http.host):
+        raise ConfigError(f"http.token_file: required when http.host ({http.host!r}) is not a loopback "
+                          f"address; set a token file or bind 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

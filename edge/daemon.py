@@ -93,6 +93,9 @@ def serve(config: Config, make_runner: Callable[[Config], Runner] = load_runner)
         front_ends.append(socket_server)
     if config.mqtt.enabled:
         front_ends.append(MqttFrontEnd(config, service))
+    if config.http.enabled:
+        from .comms.http.server import HttpFrontEnd  # aiohttp: only for a daemon that serves HTTP
+        front_ends.append(HttpFrontEnd(config, service))
     service.start()
     for front_end in front_ends:
         front_end.start()

@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 import uuid
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ValidationError
@@ -101,6 +101,9 @@ class Step:
     step: int  # 1-based
     steps: int  # steps that run (fewer than the job's with img2img strength < 1)
     seconds: float  # duration of this step
+    # the scheduler's denoised estimate at this step (the predicted final latents; a numpy array,
+    # shared, not copied): previews are made from it by whoever watches, and only then (edge.preview)
+    latents: Any = field(default=None, repr=False, compare=False)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ def _side(name: str, value: Any, limits: Limits) -> int | None:
 def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
     """Turn raw bytes from a front end into a JSON object, or raise ValidationError."""
     raw = payload.encode() if isinstance(payload, str) else payload
-    if b'"init_image"' in raw:  # an edit job: room for its images too
+    if b'"init_image' in raw:  # an edit job (init_image, A1111's init_images): room for its images too
         if len(raw) > limits.max_request_bytes:
             raise ValidationError("payload", f"is {len(raw)} bytes, the limit is {limits.max_request_bytes} "
                                   "(limits.max_payload_bytes plus two images of limits.max_image_bytes in base64)")

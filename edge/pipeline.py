@@ -179,6 +179,12 @@ class Pipeline:
         side = self.bundle.native_size or 512
         return side, side
 
+    @property
+    def fixed_size(self) -> bool:
+        """True when the export's UNet has a static latent size (jobs must use default_size)."""
+        _, _, h, w = self.unet.shape(self._sample)
+        return bool(h and w)
+
     def size(self, job: Job) -> tuple[int, int]:
         """Width and height for a job: its own, else the model's."""
         default_w, default_h = self.default_size()
@@ -230,7 +236,7 @@ class Pipeline:
         return guide.combine(eps)[None]
 
     def _denoise(self, start: editing.Start, job: Job, scheduler, rng: np.random.Generator,
-                 report: Callable[[int, float], None], cancel: threading.Event | None) -> np.ndarray:
+                 report: Callable[[int, float, np.ndarray], None], cancel: threading.Event | None) -> np.ndarray:
         latents, steps = start.latents, len(scheduler.timesteps) - start.index
         for i in range(start.index, len(scheduler.timesteps)):
             done = i - start.index
@@ -243,7 +249,7 @@ class Pipeline:
             latents = scheduler.step(eps, i, latents, step_noise)
             if start.after_step is not None:  # inpainting with an ordinary UNet: the known region back
                 latents = start.after_step(latents, i)
-            report(done + 1, time.perf_counter() - t0)
+            report(done + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
         return latents
 
     def decode(self, latents: np.ndarray) -> Image.Image:
@@ -294,11 +300,11 @@ class Pipeline:
                 edit.moments = {name: self.encode_image(p) for name, p in pixels.items()}
             timings["vae_encode"] = time.perf_counter() - t_encode
 
-        def reporter(k: int) -> Callable[[int, float], None]:
-            def report(step: int, seconds: float) -> None:
+        def reporter(k: int) -> Callable[[int, float, np.ndarray], None]:
+            def report(step: int, seconds: float, latents: np.ndarray) -> None:
                 timings["steps"].append(seconds)
                 if on_step is not None:
-                    on_step(Step(k, job.count, step, steps, seconds))
+                    on_step(Step(k, job.count, step, steps, seconds, latents))
             return report
 
         finals = []

@@ -6,6 +6,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from .jobs import Job, Step
+from .preview import LatentPreview, load_preview
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline, Result
@@ -17,6 +18,9 @@ class Runner(Protocol):
     model: str
     precision: str
     provider: str
+    preview: LatentPreview | None  # latents -> a cheap RGB image, for per-step previews
+    size: tuple[int, int]  # the model's native width and height
+    fixed_size: bool  # True: no other size is allowed
 
     def check(self, job: Job) -> None: ...  # raise ValidationError for what only the model knows
 
@@ -31,6 +35,10 @@ class PipelineRunner:
         self.model = pipeline.bundle.name
         self.precision = pipeline.precision
         self.provider = pipeline.provider
+        self.size = pipeline.default_size()
+        self.fixed_size = pipeline.fixed_size
+        # the bundle's own vae_decoder/: previews map the UNet's latents, whichever decoder model.decoder picks
+        self.preview = load_preview(pipeline.bundle.root / "vae_decoder", pipeline.latent_channels)
 
     def check(self, job: Job) -> None:
         self.pipeline.check(job)

@@ -56,6 +56,7 @@ class Answer:
     created: bool = False
     accepted: bool = False
     stopping: bool = False  # refused because the daemon is shutting down: do not acknowledge
+    busy: bool = False  # refused because the queue is full: the client may try again later
 
     @property
     def job_id(self) -> str | None:
@@ -143,7 +144,7 @@ class Service:
                 return Answer(state_body(record), record, created, accepted=True)
             record, created = self.journal.submit(job, source, reply, dedup_key, redelivery)
         except BusyError as exc:
-            return Answer(error_body(str(exc), job.id))
+            return Answer(error_body(str(exc), job.id), busy=True)
         position = self.journal.position(record.id)
         if created:
             log.info("job %s queued from %s (priority %d)", record.id, source, job.priority)

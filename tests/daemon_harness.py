@@ -223,6 +223,7 @@ class Daemon:
         self.state_dir = self.folder / "state"
         self.out_dir = self.state_dir / "outputs"
         self.prefix = f"test/{name}"
+        self.http_port = free_port()
         base: dict[str, Any] = {
             "runtime": {"threads": 1},
             "daemon": {"state_dir": str(self.state_dir), "device_id": name, "stop_timeout": 10.0 * TIMEOUT_SCALE},
@@ -230,6 +231,7 @@ class Daemon:
             "mqtt": {"enabled": broker is not None, "host": "127.0.0.1", "port": broker.port if broker else 1883,
                      "client_id": f"edge-test-{name}", "topic_prefix": self.prefix, "session_expiry": 300,
                      "reconnect_min_delay": 1, "reconnect_max_delay": 2, "progress_interval": 0.0},
+            "http": {"host": "127.0.0.1", "port": self.http_port},
             "output": {"min_free_mb": 0},
             "log_level": "debug",
         }
@@ -238,6 +240,7 @@ class Daemon:
                 base[section].update(values)
             else:
                 base[section] = values
+        self.url = f"http://{base['http']['host']}:{base['http']['port']}"  # the HTTP front end
         self.config_path = self.folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(base))
         self.extra_env = env or {}

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import edge
 
 PACKAGE = Path(edge.__file__).parent
@@ -64,12 +66,18 @@ def test_no_import_cycles():
         visit(name)
 
 
+def _transport(name: str) -> str:
+    """edge.comms.<transport>[.<its modules>]: a front end may be one module or a package of them."""
+    return ".".join(name.split(".")[:3])
+
+
 def test_front_ends_import_only_downward():
     modules = _modules()
     for name in (n for n in modules if n.startswith("edge.comms.")):
         imported = _imports(name, modules[name], set(modules))
         assert not imported & {"edge.daemon", "edge.cli"}, (name, imported)
-        assert not {i for i in imported if i.startswith("edge.comms.")}, (name, imported)
+        others = {i for i in imported if i.startswith("edge.comms.") and _transport(i) != _transport(name)}
+        assert not others, (name, others)
 
 
 def test_no_module_is_long():
@@ -77,7 +85,7 @@ def test_no_module_is_long():
     assert not long, f"modules over {MAX_LINES} lines: {long}"
 
 
-def test_submit_and_help_import_neither_onnxruntime_nor_numpy():
+def test_submit_and_help_import_neither_onnxruntime_nor_numpy_nor_the_http_server():
     nowhere = "/nonexistent/edge-imagegen.sock"
     for argv, status in ((["submit", "--help"], 0), (["--help"], 0), (["submit", "a gear", "--socket", nowhere], 2)):
         run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edge.cli", *argv], cwd="/",
@@ -85,5 +93,14 @@ def test_submit_and_help_import_neither_onnxruntime_nor_numpy():
         assert run.returncode == status, run.stderr[-2000:]
         imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
         assert "edge.config" in imported and "yaml" in imported  # importtime lists what was loaded
-        heavy = {m for m in imported if m.split(".")[0] in ("onnxruntime", "numpy", "PIL")}
+        heavy = {m for m in imported if m.split(".")[0] in ("onnxruntime", "numpy", "PIL", "aiohttp")}
         assert not heavy, f"{argv}: {sorted(heavy)[:5]}"
+
+
+@pytest.mark.slow  # loads the model in a subprocess: seconds
+def test_generate_does_not_import_the_http_server(tmp_path):
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "edge.cli", "generate", "a red gear", "--steps", "1",
+                          "--out", str(tmp_path)], cwd="/", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+    assert "onnxruntime" in imported and not {m for m in imported if m.split(".")[0] == "aiohttp"}

@@ -53,6 +53,7 @@ class Scheduler(Protocol):
     timesteps: np.ndarray     # after set_timesteps: what the UNet gets (float64 or int64, like diffusers)
     init_noise_sigma: float   # initial latents = noise * init_noise_sigma
     needs_noise: bool         # True if step() consumes fresh noise (euler_a, lcm)
+    x0: np.ndarray | None     # after step(): its denoised estimate (the predicted final latents)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Build the schedule for a run and reset multistep state."""

@@ -26,6 +26,7 @@ from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, ch
 class DDIMScheduler:
     name = "ddim"
     needs_noise = False
+    x0: np.ndarray | None = None  # the denoised estimate of the last step (for previews)
     init_noise_sigma = 1.0
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -91,6 +92,7 @@ class DDIMScheduler:
         if self.clip_sample:
             x0 = np.clip(x0, -self.clip_sample_range, self.clip_sample_range)
 
+        self.x0 = x0
         # eq. (12) with sigma_t = 0 (eta = 0, eq. 16): "direction pointing to x_t" plus rescaled x0.
         direction = np.sqrt(1 - a_prev) * eps
         return (np.sqrt(a_prev) * x0 + direction).astype(np.float32, copy=False)

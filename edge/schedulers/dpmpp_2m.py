@@ -38,6 +38,7 @@ from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, ch
 
 class DPMSolverMultistepScheduler:
     needs_noise = False
+    x0: np.ndarray | None = None  # the denoised estimate of the last step (for previews)
     init_noise_sigma = 1.0
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -151,6 +152,7 @@ class DPMSolverMultistepScheduler:
         else:
             x0 = out
         previous_x0, self._previous_x0 = self._previous_x0, x0
+        self.x0 = x0
 
         sigma_next = self.sigmas[step_index + 1]
         if sigma_next == 0:

@@ -31,6 +31,7 @@ from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, ch
 class EulerDiscreteScheduler:
     name = "euler"
     needs_noise = False
+    x0: np.ndarray | None = None  # the denoised estimate of the last step (for previews)
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
@@ -126,6 +127,8 @@ class EulerDiscreteScheduler:
             x0 = out * (-sigma / np.sqrt(sigma * sigma + np.float32(1))) + x / (sigma * sigma + np.float32(1))
         else:
             x0 = out
+
+        self.x0 = x0
 
         # EDM eqs. (1) and (3): dx/dsigma = (x - D(x; sigma)) / sigma; one Euler step to sigma_next.
         derivative = (x - x0) / sigma

@@ -26,6 +26,7 @@ from .common import SPACINGS, alphas_cumprod, check_steps, choice, noised, space
 class EulerAncestralDiscreteScheduler:
     name = "euler_a"
     needs_noise = True
+    x0: np.ndarray | None = None  # the denoised estimate of the last step (for previews)
 
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
                  beta_schedule: str = "linear", trained_betas: list[float] | None = None,
@@ -84,6 +85,8 @@ class EulerAncestralDiscreteScheduler:
         else:
             # v-prediction (Salimans & Ho 2022, sec. 4) in sigma space.
             x0 = out * (-sigma / np.sqrt(sigma * sigma + np.float32(1))) + x / (sigma * sigma + np.float32(1))
+
+        self.x0 = x0
 
         # Ancestral split of sigma_next (k-diffusion get_ancestral_step with eta = 1).
         sigma_up = np.sqrt(sigma_next * sigma_next * (sigma * sigma - sigma_next * sigma_next) / (sigma * sigma))

@@ -35,6 +35,7 @@ from .common import PREDICTION_TYPES, alphas_cumprod, check_steps, choice, off, 
 class LCMScheduler:
     name = "lcm"
     needs_noise = True
+    x0: np.ndarray | None = None  # the denoised estimate of the last step (for previews)
     init_noise_sigma = 1.0
     sigma_data = 0.5  # the consistency-models default
 
@@ -106,6 +107,7 @@ class LCMScheduler:
         # Consistency function f(x_t, t) = c_skip x_t + c_out x0 (Consistency Models, section 3).
         c_skip, c_out = self._boundary_scalings(t)
         denoised = c_out * x0 + c_skip * x
+        self.x0 = denoised
         if last:
             return denoised.astype(np.float32, copy=False)
         # Multistep sampling: re-noise the estimate to the next timestep with fresh noise.

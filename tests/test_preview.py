@@ -1,0 +1,45 @@
+"""Per-step previews: the bundle's fitted coefficients against its own VAE decoder, the SD 1.x fallback."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_SD
+from edge.errors import BundleError
+from edge.jobs import Job
+from edge.preview import PREVIEW_FILE, SD1_WEIGHTS, load_preview
+from edge.runner import PipelineRunner
+
+
+def test_the_embedded_models_preview_approximates_its_decoder(pipeline):
+    preview = PipelineRunner(pipeline).preview
+    assert preview is not None and preview.source.endswith(PREVIEW_FILE)
+    steps = []
+    result = pipeline.generate(Job(prompt="two red gears and a blue nut", steps=12, seed=31, id="pv"),
+                               on_step=steps.append)
+    assert [s.step for s in steps] == list(range(1, 13)) and all(s.latents is not None for s in steps)
+    approx = preview.rgb(steps[-1].latents).astype(np.float32)
+    decoded = np.asarray(result.images[0].image, dtype=np.float32)
+    pooled = decoded.reshape(16, 8, 16, 8, 3).mean(axis=(1, 3))  # one latent: 8x8 pixels
+    error = np.sqrt(np.mean((approx - pooled) ** 2))
+    sd1 = np.clip(np.tensordot(steps[-1].latents[0], np.asarray(SD1_WEIGHTS), ([0], [0])) * 127.5 + 127.5, 0, 255)
+    assert error < 30 < np.sqrt(np.mean((sd1 - pooled) ** 2))  # of 255: close, and far closer than SD 1.x's
+    png = preview.png(steps[5].latents)
+    assert png.startswith(b"\x89PNG") and len(png) < 2000
+
+
+def test_a_four_channel_bundle_without_its_own_file_uses_the_sd1_coefficients():
+    preview = load_preview(TINY_SD / "vae_decoder", 4)
+    assert preview.source == "SD 1.x" and preview.weights.shape == (4, 3)
+    assert load_preview(TINY_SD / "vae_decoder", 16) is None  # no known map: no previews
+
+
+def test_a_malformed_preview_file_names_itself(bundle_copy):
+    path = bundle_copy / "vae_decoder" / PREVIEW_FILE
+    path.write_text(json.dumps({"weights": [[1, 2, 3]], "bias": [0, 0, 0]}))
+    with pytest.raises(BundleError, match=r"preview.json: weights must be 4x3"):
+        load_preview(path.parent, 4)
+    path.write_text("{")
+    with pytest.raises(BundleError, match="not a preview file"):
+        load_preview(path.parent, 4)
