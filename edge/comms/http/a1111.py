@@ -54,8 +54,12 @@ def to_job(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return job, ignored
 
 
-def to_edit_job(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The job fields for an img2img request (image to image, inpainting), and the ignored fields."""
+def to_edit_job(data: dict[str, Any], instruct: bool) -> tuple[dict[str, Any], list[str]]:
+    """The job fields for an img2img request (image to image, inpainting), and the ignored fields.
+
+    A1111 clients send ``image_cfg_scale`` (and ``denoising_strength``) whatever the model: they
+    are passed on for an InstructPix2Pix model (``instruct``) and ignored with the rest otherwise.
+    """
     job, ignored = to_job(data)
     images = data.get("init_images")
     if not isinstance(images, list) or len(images) != 1:
@@ -63,11 +67,13 @@ def to_edit_job(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if data.get("inpainting_mask_invert"):
         raise ValidationError("inpainting_mask_invert", "is not supported: send the mask inverted (white = repaint)")
     job["init_image"] = images[0]
-    job.update({ours: data[theirs] for theirs, ours in EDIT_RENAMED.items() if data.get(theirs) is not None})
+    unused = ("denoising_strength",) if instruct else ("image_cfg_scale",)
+    job.update({ours: data[theirs] for theirs, ours in EDIT_RENAMED.items()
+                if data.get(theirs) is not None and theirs not in unused})
     if data.get("resize_mode") is not None:
         mode = data["resize_mode"]
         job["resize_mode"] = RESIZE_MODES.get(mode, mode) if isinstance(mode, int) else mode  # parse_job checks
-    used = {"init_images", "inpainting_mask_invert", "resize_mode", *EDIT_RENAMED}
+    used = {"init_images", "inpainting_mask_invert", "resize_mode", *EDIT_RENAMED} - set(unused)
     return job, [k for k in ignored if k not in used]
 
 

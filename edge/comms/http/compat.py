@@ -115,7 +115,7 @@ class Compat:
     async def img2img(self, request: web.Request) -> web.Response:
         data = await self._object(request)
         try:
-            job, ignored = a1111.to_edit_job(data)
+            job, ignored = a1111.to_edit_job(data, self.service.runner.model_kind == "instruct")
         except ValidationError as exc:
             raise self._error(400, str(exc), exc.field, request) from None
         a1111.note_ignored(ignored, "/sdapi/v1/img2img")
