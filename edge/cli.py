@@ -1,4 +1,5 @@
-"""The ``edge-imagegen`` command: generate, doctor, quantize, profile, serve (the daemon) and submit."""
+"""The ``edge-imagegen`` command: generate, doctor, quantize, profile, serve (the daemon), submit, history
+and ha-remove."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
@@ -107,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("--no-wait", action="store_true", help="print the queued reply and return at once")
     sbm.add_argument("--config", type=Path, help="YAML config (its socket section is used)")
     sbm.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    hist = sub.add_parser("history", help="list past and current jobs of the running daemon, newest first")
+    hist.add_argument("--limit", type=int, default=20, help="jobs per page (1-500)")
+    hist.add_argument("--before", help="start after this job id (the `next` of the previous page)")
+    hist.add_argument("--all", action="store_true", help="follow the pages to the oldest job")
+    hist.add_argument("--json", action="store_true", help="print each page as the daemon's JSON")
+    hist.add_argument("--socket", type=Path, help="the daemon's socket (default: socket.path, then the usual places)")
+    hist.add_argument("--config", type=Path, help="YAML config (its socket section is used)")
+    hist.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    har = sub.add_parser("ha-remove", help="remove the device from Home Assistant (empty retained discovery configs)")
+    har.add_argument("--config", type=Path, help="YAML config (its mqtt and daemon.device_id are used)")
+    har.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
     prof = sub.add_parser("profile", help="measure each variant on this machine; writes variants.json")
     prof.add_argument("model_dir", type=Path)
@@ -271,8 +286,55 @@ def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO =
     return 2
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from .client import SocketClient
+    from .paths import client_socket_path
+    config = config_from_args(args)
+    before = args.before
+    with SocketClient(args.socket or client_socket_path(config)) as client:
+        while True:
+            page = client.history(args.limit, before)
+            if page["status"] != "ok":
+                print(f"error: {page['error']}", file=sys.stderr)
+                return 2
+            if args.json:
+                print(json.dumps(page))
+            else:
+                _print_history(page["jobs"])
+            before = page["next"]
+            if not args.all or before is None:
+                return 0
+
+
+def _print_history(jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job["submitted"]))
+        seeds = ",".join(str(s) for s in job["seeds"])
+        print(f"{job['id']}  {job['state']}  {when}Z  seed {seeds}  {json.dumps(job['prompt'])}")
+        for path in job["paths"]:
+            print(f"    {path}")
+        if job["error"] and job["state"] != "done":
+            print(f"    {job['error']}")
+
+
+def cmd_ha_remove(args: argparse.Namespace) -> int:
+    from .comms.homeassistant import remove_discovery
+    from .comms.mqtt import one_off_client
+    from .service import default_device_id
+    config = config_from_args(args)
+    device_id = default_device_id(config)
+    client = one_off_client(config, f"{config.mqtt.client_id or 'edge-imagegen-' + device_id}-ha-remove")
+    topics = remove_discovery(client, config, device_id)
+    print(f"removed {len(topics)} Home Assistant discovery configs of {device_id} from "
+          f"{config.mqtt.host}:{config.mqtt.port}", file=sys.stderr)
+    if config.mqtt.homeassistant:
+        print("note: mqtt.homeassistant is true in this config: the daemon announces the device again at its "
+              "next connect", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor, "quantize": cmd_quantize, "profile": cmd_profile,
-            "serve": cmd_serve, "submit": cmd_submit}
+            "serve": cmd_serve, "submit": cmd_submit, "history": cmd_history, "ha-remove": cmd_ha_remove}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

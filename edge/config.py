@@ -115,6 +115,11 @@ class MqttConfig:
     progress_interval: float = 0.5
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 60
+    publish_images: bool = True  # PNG bytes on <prefix>/jobs/<id>/image/<k> and retained <prefix>/image
+    max_image_bytes: int = 1048576  # the broker's message_size_limit; larger images: a note in the result
+    homeassistant: bool = False  # Home Assistant MQTT discovery
+    discovery_prefix: str = "homeassistant"
+    homeassistant_remove: bool = False  # publish empty discovery configs at connect: HA forgets the device
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,7 @@ NON_NEGATIVE = ("runtime.threads", "runtime.vae_tile_size", "memory.headroom_mb"
                 "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
                 "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",
                 "mqtt.progress_interval", "mqtt.reconnect_min_delay", "mqtt.reconnect_max_delay",
+                "mqtt.max_image_bytes",
                 "http.port", "http.max_body_bytes", "http.request_timeout", "http.preview_every",
                 "http.kiosk_idle_seconds")
 
@@ -291,7 +297,10 @@ def _check_daemon_sections(config: Config) -> None:
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ConfigError(f"daemon.{name}: {value!r} must be 1 to 64 letters, digits, '_', '.' or '-' "
                               f"(it is part of MQTT topics)")
-    for name in ("topic_prefix", "fleet_prefix", "fleet_group"):
+    if config.mqtt.homeassistant and config.mqtt.homeassistant_remove:
+        raise ConfigError("mqtt.homeassistant_remove: cannot be true while mqtt.homeassistant is true "
+                          "(one announces the device, the other removes it)")
+    for name in ("topic_prefix", "fleet_prefix", "fleet_group", "discovery_prefix"):
         value = getattr(config.mqtt, name)
         if value is not None and (not value or any(c in value for c in "+#\x00") or value.endswith("/")
                                   or (name == "fleet_group" and "/" in value)):

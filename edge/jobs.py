@@ -84,12 +84,24 @@ class Job:
     mask_blur: int = 4
     resize_mode: str = "just_resize"
     image_guidance: float | None = None  # InstructPix2Pix models only; None: 1.5
+    return_: str = "paths"  # "return" on the wire (a Python keyword): paths, or base64 images inline (MQTT)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["return"] = data.pop("return_")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """The inverse of :meth:`to_dict` (a journal written before ``return`` existed lacks it)."""
+        data = dict(data)
+        if "return" in data:
+            data["return_"] = data.pop("return")
+        return cls(**data)
 
 
-JOB_FIELDS = tuple(f.name for f in fields(Job))
+JOB_FIELDS = tuple("return" if f.name == "return_" else f.name for f in fields(Job))
+RETURN_MODES = ("paths", "base64")
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,9 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
     if job_id is not None and valid_id(job_id) is None:
         raise ValidationError("id", "must be 1 to 64 characters of letters, digits, '_', '.' or '-'")
     scheduler = get("scheduler", defaults.scheduler)
+    returns = get("return", "paths")
+    if returns not in RETURN_MODES:
+        raise ValidationError("return", f"must be one of {', '.join(RETURN_MODES)}, got {returns!r}")
     return Job(
         id=job_id,
         prompt=_text("prompt", data["prompt"], limits.max_prompt_chars, required=True),
@@ -198,6 +213,7 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
         height=_side("height", get("height", defaults.height), limits),
         scheduler=None if scheduler is None else _text("scheduler", scheduler, 64, required=True),
         priority=_int("priority", get("priority", 0), limits.min_priority, limits.max_priority),
+        return_=returns,
         **_edit_fields(data, limits),
     )
 

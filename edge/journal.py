@@ -52,7 +52,7 @@ _COLUMNS = ("id", "job", "state", "seq", "source", "reply", "submitted", "starte
 
 def _record(row: tuple) -> JobRecord:
     values = dict(zip(_COLUMNS, row))
-    values["job"] = Job(**json.loads(values["job"]))
+    values["job"] = Job.from_dict(json.loads(values["job"]))
     values["reply"] = json.loads(values["reply"])
     values["result"] = json.loads(values["result"]) if values["result"] else None
     values["delivered"] = bool(values["delivered"])
@@ -249,7 +249,7 @@ class Journal:
         """Every journaled job, finished or not (the housekeeping looks for the input images they name)."""
         with self._lock:
             rows = self._db.execute("SELECT job FROM jobs").fetchall()
-        return [Job(**json.loads(row[0])) for row in rows]
+        return [Job.from_dict(json.loads(row[0])) for row in rows]
 
     def prune(self, older_than: float) -> int:
         """Forget finished jobs that finished before ``older_than`` (Unix time); returns how many."""

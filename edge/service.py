@@ -100,6 +100,7 @@ class Service:
         self._cancel = threading.Event()
         self._current: JobRecord | None = None
         self._current_step: Step | None = None
+        self._last_job: dict[str, Any] | None = None  # the last job that ended since the start: id, state, seconds
         self._heartbeat = time.monotonic()
         self._worker: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
@@ -207,6 +208,7 @@ class Service:
             "provider": self.runner.provider,
             "device": self.device_id,
             "version": __version__,
+            "last_job": self._last_job,
         }
 
     # --- the worker ---------------------------------------------------------------------------
@@ -283,6 +285,8 @@ class Service:
             self._current, self._current_step = None, None
             self._heartbeat = time.monotonic()
         if final is not None:
+            self._last_job = {"id": final.id, "state": final.state,
+                              "seconds": round((final.finished or 0.0) - (final.started or 0.0), 3)}
             self._emit("finished", final)
         self._update_status()
 

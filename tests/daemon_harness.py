@@ -75,7 +75,7 @@ def short_dir() -> Path:
 class Broker:
     """``mosquitto -c <conf>`` on a free loopback port, persistence on (autosave on every change)."""
 
-    def __init__(self, folder: Path, persistence: bool = True):
+    def __init__(self, folder: Path, persistence: bool = True, extra: tuple[str, ...] = ()):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -87,6 +87,7 @@ class Broker:
         if persistence:
             lines += ["persistence true", f"persistence_location {folder}/", "autosave_interval 1",
                       "autosave_on_changes true"]
+        lines += extra  # e.g. "max_packet_size 6000"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 

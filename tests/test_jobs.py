@@ -3,7 +3,7 @@ import json
 import pytest
 
 from edge.errors import ValidationError
-from edge.jobs import Defaults, Limits, admit, decode_payload, parse_job, resolve_seed
+from edge.jobs import Defaults, Job, Limits, admit, decode_payload, parse_job, resolve_seed
 
 def field_of(data, **kw):
     with pytest.raises(ValidationError) as info:
@@ -37,6 +37,8 @@ def test_defaults_fill_missing_fields():
     ({"prompt": "a", "id": "x\n"}, "id", "letters, digits"),  # a trailing newline is not part of an id
     ({"prompt": "a", "step": 5}, "step", "not a job field"),
     ({"prompt": "a", "priority": 11}, "priority", "between -10 and 10"),
+    ({"prompt": "a", "return": "png"}, "return", "must be one of paths, base64"),
+    ({"prompt": "a", "return_": "base64"}, "return_", "not a job field"),
 ])
 def test_bad_fields_are_named(data, field, words):
     err = field_of(data)
@@ -81,3 +83,13 @@ def test_admit_fixes_id_and_seed_once():
     job = admit(parse_job({"prompt": "a"}))
     assert job.id and job.seed >= 0 and admit(job) == job
     assert admit(parse_job({"prompt": "a", "id": "mine", "seed": 3})).id == "mine"
+
+
+def test_return_is_a_wire_field_and_survives_the_journal_round_trip():
+    job = parse_job({"prompt": "a gear", "return": "base64"})
+    assert job.return_ == "base64" and parse_job({"prompt": "a gear"}).return_ == "paths"
+    data = job.to_dict()
+    assert data["return"] == "base64" and "return_" not in data
+    assert Job.from_dict(json.loads(json.dumps(data))) == job
+    old = {k: v for k, v in data.items() if k != "return"}  # a journal row from before the field
+    assert Job.from_dict(old).return_ == "paths"

@@ -6,15 +6,19 @@ Topics, with ``<prefix>`` = ``mqtt.topic_prefix`` (default ``edge-imagegen/<devi
   With ``mqtt.fleet_group`` also ``$share/<group>/<fleet prefix>/jobs``: each message of the
   fleet topic goes to one device of the group.
 - ``<prefix>/status`` (retained): ``online``, or ``offline`` (the last will, and a clean stop).
-- ``<prefix>/state`` (retained JSON): state, queue depth, current job, model, precision, provider.
+- ``<prefix>/state`` (retained JSON): state, queue depth, current job and its step, model, precision,
+  provider, last job; published when a job starts or ends and, throttled like progress, per step.
 - ``<prefix>/jobs/<id>/progress`` (QoS 0): ``{"id", "state": "queued"|"running", "image", "count",
   "step", "steps"}``, at most every ``mqtt.progress_interval`` s (the last step of an image always).
 - ``<prefix>/jobs/<id>/result`` (QoS ``mqtt.qos``): ``{"status": "ok", "id", "paths", "seeds",
   "timings", ...}`` or ``{"status": "error", "id", "error", "field"?}``. A fleet job's messages
   also go to ``<fleet prefix>/jobs/<id>/...``.
 - ``<prefix>/errors`` (QoS ``mqtt.qos``): errors for messages with no usable id (not JSON, ...).
-- An MQTT 5 request with a ResponseTopic gets its reply and result there too, with the request's
+- An MQTT 5 request with a ResponseTopic gets its result there too (one message, so that
+  ``mosquitto_rr`` and other request/response clients get the result), with the request's
   CorrelationData.
+- Images: :mod:`edge.comms.mqtt_images`; ``get``, history, cancel, plain-text prompts and Home
+  Assistant's topics: :mod:`edge.comms.mqtt_requests`, :mod:`edge.comms.homeassistant`.
 
 Nothing accepted is lost: the session is persistent (clean start off; with MQTT 5 a Session
 Expiry Interval, without which the session would end with the connection) and messages are
@@ -46,6 +50,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ..config import Config
 from ..errors import ConfigError
 from ..jobs import JobEvent, JobRecord, error_body, result_body
+from .mqtt_images import image_messages
+from .mqtt_requests import RequestTopics
 
 if TYPE_CHECKING:
     from ..service import Answer, Service
@@ -76,6 +82,24 @@ def read_password(config: Config) -> str | None:
     return m.password
 
 
+def authenticate(client: mqtt.Client, config: Config) -> None:
+    """User name, password and TLS from the ``mqtt`` section (the daemon's client, ``ha-remove``'s)."""
+    m = config.mqtt
+    if m.username is not None:
+        client.username_pw_set(m.username, read_password(config))
+    if m.tls.enabled:
+        client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key,
+                       cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(m.tls.insecure)
+
+
+def one_off_client(config: Config, client_id: str) -> mqtt.Client:
+    """An unconnected client with the ``mqtt`` section's protocol and credentials (e.g. ``ha-remove``)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=PROTOCOLS[config.mqtt.protocol])
+    authenticate(client, config)
+    return client
+
+
 class MqttFrontEnd:
     def __init__(self, config: Config, service: Service):
         m = config.mqtt
@@ -93,6 +117,7 @@ class MqttFrontEnd:
         self._state_dirty = threading.Event()
         self._closing = threading.Event()
         self._housekeeper: threading.Thread | None = None
+        self._broker_max: int | None = None  # the Maximum Packet Size an MQTT 5 broker announced
 
         if self.v5:
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5,
@@ -100,12 +125,7 @@ class MqttFrontEnd:
         else:  # 3.1.1 keeps the session with clean_session=False (it never expires on its own)
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311,
                                  clean_session=False, manual_ack=True)
-        if m.username is not None:
-            client.username_pw_set(m.username, read_password(config))
-        if m.tls.enabled:
-            client.tls_set(ca_certs=m.tls.ca, certfile=m.tls.cert, keyfile=m.tls.key,
-                           cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(m.tls.insecure)
+        authenticate(client, config)
         # the broker publishes this when the connection drops without a clean disconnect
         client.will_set(f"{self.prefix}/status", "offline", qos=1, retain=True)
         client.reconnect_delay_set(m.reconnect_min_delay, m.reconnect_max_delay)
@@ -115,6 +135,8 @@ class MqttFrontEnd:
         client.on_connect_fail = self._on_connect_fail
         client.on_subscribe = self._on_subscribe
         self.client = client
+        self.requests = RequestTopics(self)
+        self.requests.install(client)
         service.events.subscribe(self._on_event)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -160,7 +182,8 @@ class MqttFrontEnd:
             log.warning("the broker refused the connection: %s", reason_code)
             return
         log.info("connected to the broker (session present: %s)", flags.session_present)
-        topics = [f"{self.prefix}/jobs"]
+        self._broker_max = getattr(properties, "MaximumPacketSize", None)
+        topics = [f"{self.prefix}/jobs", *self.requests.topics()]
         if self.fleet:
             topics.append(f"$share/{self.config.mqtt.fleet_group}/{self.fleet}/jobs")
         if self.v5:  # a retained job would run again at every subscribe
@@ -171,6 +194,7 @@ class MqttFrontEnd:
         # retained state again on every (re)connect: a broker that lost it (no persistence) or a
         # will published while we were away must not have the last word
         client.publish(f"{self.prefix}/status", "online", qos=1, retain=True)
+        self.requests.on_connect()
         self._state_dirty.set()
         if self._first_connect:
             self._first_connect = False
@@ -229,9 +253,7 @@ class MqttFrontEnd:
             return
         if record is not None:  # queued (new or duplicate): the first progress message says so
             self._publish_progress(record.id, answer.body, reply.get("fleet", False))
-            if reply.get("response_topic"):
-                self._publish(reply["response_topic"], answer.body, 0, reply)
-            return
+            return  # the response topic gets one message: the result
         self._answer(answer.job_id, answer.body, reply)
 
     def _answer(self, job_id: str | None, body: dict[str, Any], reply: dict[str, Any]) -> None:
@@ -251,8 +273,20 @@ class MqttFrontEnd:
             properties.CorrelationData = bytes.fromhex(reply["correlation"])
         return self.client.publish(topic, json.dumps(body), qos=qos, retain=retain, properties=properties)
 
-    def _publish_result(self, record: JobRecord) -> None:
+    def _result_with_images(self, record: JobRecord, latest: bool = False) -> dict[str, Any]:
+        """The result body, its images published (or inlined) first; ``latest``: also ``<prefix>/image``."""
         body = result_body(record)
+        m = self.config.mqtt
+        images = image_messages(record, self.prefix, self.fleet, m.publish_images, m.max_image_bytes, self._broker_max,
+                                len(json.dumps(body)), latest)
+        for topic, payload, retain in images.messages:
+            self.client.publish(topic, payload, qos=1 if retain else self.qos, retain=retain)
+        if images.entries:
+            body["images"] = images.entries
+        return body
+
+    def _publish_result(self, record: JobRecord, fresh: bool = False) -> None:
+        body = self._result_with_images(record, latest=fresh)
         reply = record.reply
         infos = [self._publish(f"{self.prefix}/jobs/{record.id}/result", body, self.qos)]
         if reply.get("fleet") and self.fleet:
@@ -281,10 +315,11 @@ class MqttFrontEnd:
             if last_of_image or now - self._last_progress.get(record.id, 0.0) >= self.config.mqtt.progress_interval:
                 self._last_progress[record.id] = now
                 self._publish_progress(record.id, event.body(), fleet)
-            return  # the state topic is not updated per step
+                self._state_dirty.set()  # the retained state's step, as throttled as the progress
+            return
         elif event.kind == "finished":
             self._last_progress.pop(record.id, None)
-            self._publish_result(record)
+            self._publish_result(record, fresh=True)
         self._state_dirty.set()
 
     # --- state and delivery bookkeeping ------------------------------------------------------------

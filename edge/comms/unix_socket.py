@@ -9,7 +9,12 @@ Requests (``op`` picks the operation; every reply has ``status``: ``ok``, ``queu
     {"op": "cancel", "id": "..."}    -> cancels a queued job now, a running one at its next step
     {"op": "status"}                 -> queue depth, current job, model, precision, provider
     {"op": "watch", "id": "..."}     -> {"event": "started"|"progress", ...} lines, then one
-                                        {"event": "result", "status": "ok"|"error", ...} line
+                                        {"event": "result", "status": "ok"|"error", ...} line, and
+                                        the server closes the connection (the end of the stream)
+    {"op": "list", "limit": 20, "before": "..."}
+                                     -> {"status": "ok", "jobs": [...], "next": id|null}: the journal,
+                                        newest first (prompt, state, seeds, paths, times); ``next``
+                                        is the ``before`` of the next page
 
 The request line is the payload that ``limits.max_request_bytes`` bounds (the job, plus its images). The socket is
 ``socket.path`` (default ``$RUNTIME_DIRECTORY/edge-imagegen.sock``) created with ``socket.mode``
@@ -43,7 +48,7 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3  # systemd passes activated sockets from fd 3 on
 MAX_CONNECTIONS = 32  # one thread each; a kiosk has a handful of clients
 HARD_LINE_CAP = 1 << 20  # bytes read of one request line at most; the rest is dropped with the connection
-OPS = ("submit", "get", "cancel", "status", "watch")
+OPS = ("submit", "get", "cancel", "status", "watch", "list")
 
 
 # --- systemd's socket ---------------------------------------------------------------------------
@@ -210,6 +215,8 @@ class SocketServer:
             return _send(conn, self.service.cancel(request.get("id")))
         if op == "watch":
             return self._watch(conn, request.get("id"))
+        if op == "list":
+            return _send(conn, self.service.history(request.get("limit", 20), request.get("before")))
         job = request.get("job")
         if not isinstance(job, dict):
             return _send(conn, error_body(f"job: must be a JSON object with the job's fields, got "
@@ -222,6 +229,7 @@ class SocketServer:
         return True
 
     def _watch(self, conn: socket.socket, job_id: Any) -> bool:
+        """Stream the job's events up to its result; always False: the connection ends with the stream."""
         assert self.service is not None
         events: queue.Queue = queue.Queue()
         key = str(job_id)
@@ -230,13 +238,12 @@ class SocketServer:
         try:
             state = self.service.get(job_id)
             if state["status"] in ("ok", "error"):  # finished (or unknown): nothing to wait for
-                return _send(conn, {"event": "result", **state})
+                _send(conn, {"event": "result", **state})
+                return False
             while True:
                 message = events.get()
-                if not _send(conn, message):
+                if not _send(conn, message) or message["event"] == "result":
                     return False
-                if message["event"] == "result":
-                    return True
         finally:
             with self._lock:
                 self._watchers[key].remove(events)
