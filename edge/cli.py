@@ -4,6 +4,7 @@ and ha-remove."""
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import platform
@@ -13,17 +14,19 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from . import __version__
-from .bundle import COMPONENTS
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS
 from .config import Config, load_config
 from .console import ProgressBar
-from .errors import EdgeError
-from .jobs import Step, admit, parse_job
+from .errors import EdgeError, ValidationError
+from .jobs import RESIZE_MODES, Step, admit, parse_job
 
 # Commands import the model side (onnxruntime, numpy) inside their functions: `submit` and
 # `--help` stay fast, since a thin client should not pay for what it never runs.
 log = logging.getLogger("edge")
 
-JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler")
+JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler",
+             "strength", "mask_blur", "resize_mode", "image_guidance")
+IMAGE_FLAGS = ("init_image", "mask")  # file paths on the command line, base64 in the job
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -44,6 +47,25 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
+    p.add_argument("--init-image", metavar="PATH", help="start from this image (PNG, JPEG, WebP): image to image")
+    p.add_argument("--strength", type=float, help="0-1: how much of the schedule runs (default 0.75; 1 with --mask)")
+    p.add_argument("--mask", metavar="PATH", help="inpaint: white = repaint, black = keep (needs --init-image)")
+    p.add_argument("--mask-blur", type=int, help="mask blur radius in pixels (default 4)")
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, help="fit the init image to the size (default just_resize)")
+    p.add_argument("--image-guidance", type=float, help="InstructPix2Pix models: image guidance scale (default 1.5)")
+
+
+def _job_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """Flags given on the command line as job fields; image paths read and base64-encoded."""
+    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name in IMAGE_FLAGS:
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                fields[name] = base64.b64encode(Path(path).expanduser().read_bytes()).decode("ascii")
+            except OSError as exc:
+                raise ValidationError(name, f"{path}: cannot read the file ({exc.strerror})") from None
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--prompts", type=int, default=6, help="calibration prompts to run (at most 6)")
     quant.add_argument("--max-feeds", type=int, default=48,
                        help="calibration inputs kept per component (more: better ranges, longer calibration)")
-    quant.add_argument("--only", action="append", choices=COMPONENTS, metavar="COMPONENT",
-                       help="quantize only this component: text_encoder, unet or vae_decoder (repeatable;"
-                       " e.g. again after it ran out of memory)")
+    quant.add_argument("--only", action="append", choices=COMPONENTS + OPTIONAL_COMPONENTS, metavar="COMPONENT",
+                       help="quantize only this component: text_encoder, unet, vae_decoder or vae_encoder "
+                       "(repeatable; e.g. again after it ran out of memory)")
     quant.add_argument("--precision", action="append", choices=("fp16", "int8"),
                        help="write only this variant (repeatable; default both)")
     quant.add_argument("--min-psnr", type=float, default=20.0,
@@ -105,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("model_dir", type=Path)
     prof.add_argument("--config", type=Path, help="YAML config (its runtime section is used)")
     prof.add_argument("--calls", type=int, default=3)
+    prof.add_argument("--only", action="append", choices=COMPONENTS + OPTIONAL_COMPONENTS, metavar="COMPONENT",
+                      help="measure only this component (repeatable; the others' entries are kept)")
     return parser
 
 
@@ -126,7 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loader import load_pipeline, with_model_defaults
     from .output import save_result
     config = with_model_defaults(config_from_args(args))
-    fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
+    fields = _job_fields(args, JOB_FLAGS)
     job = parse_job({"prompt": args.prompt, "id": args.id, **fields}, config.limits, config.defaults)
     pipeline = load_pipeline(config)
     pipeline.check(job)
@@ -201,7 +225,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     logging.getLogger("edge").setLevel(logging.INFO)
     manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
                                fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds,
-                               components=tuple(args.only or COMPONENTS),
+                               components=tuple(args.only) if args.only else None,
                                precisions=tuple(args.precision or ("fp16", "int8")))
     print(json.dumps(manifest["components"], indent=2))
     return 0
@@ -211,7 +235,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .profile import profile_bundle
     config = load_config(args.config)
-    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls)
+    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls,
+                              components=tuple(args.only) if args.only else None)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -230,7 +255,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .paths import client_socket_path
     config = config_from_args(args)
     # the fields go to the daemon as given: it validates them (one validator for every front end)
-    job = {name: getattr(args, name) for name in (*JOB_FLAGS, "priority", "id") if getattr(args, name) is not None}
+    job = _job_fields(args, (*JOB_FLAGS, "priority", "id"))
     return run_submit(args.socket or client_socket_path(config), {"prompt": args.prompt, **job},
                       wait=not args.no_wait)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .bundle import COMPONENTS
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS
 from .errors import ConfigError
 from .jobs import Defaults, Limits
 
@@ -265,9 +265,9 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     for component in config.runtime.component_providers:
-        if component not in COMPONENTS:
+        if component not in COMPONENTS + OPTIONAL_COMPONENTS:
             raise ConfigError(f"runtime.component_providers.{component}: unknown component; choose one of "
-                              f"{', '.join(COMPONENTS)}")
+                              f"{', '.join(COMPONENTS + OPTIONAL_COMPONENTS)}")
     if config.limits.min_guidance > config.limits.max_guidance:
         raise ConfigError("limits.min_guidance: must not exceed limits.max_guidance")
     _check_daemon_sections(config)

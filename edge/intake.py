@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .config import Config
-from .errors import ValidationError
+from .errors import OutputError, ValidationError
+from .inputs import InputStore
 from .jobs import JobRecord, admit, decode_payload, error_body, parse_job, state_body, valid_id
 from .journal import BusyError, Journal
 from .policy import ContentPolicy
@@ -68,6 +69,7 @@ class Intake:
     def __init__(self, config: Config, runner: Runner, journal: Journal):
         self.runner = runner
         self.journal = journal
+        self.inputs = InputStore(journal.path.parent / "inputs")  # edit jobs' images, beside the journal
         self._rules = Rules(config, ContentPolicy(config.policy.blocked_words, config.policy.blocked_patterns))
         self.accepting = True
         self._journal_failing = False
@@ -155,6 +157,10 @@ class Intake:
         except ValidationError as exc:
             return Answer(error_body(str(exc), job_id, exc.field)), None, "", None
         job = admit(job)  # id and seed fixed before the commit, so that a replay draws the very same image
+        try:
+            job = self.inputs.store(job)  # its images on disk (fsync'd) before the commit names them
+        except OutputError as exc:
+            return Answer(error_body(str(exc), job.id), busy=True), None, "", None
         verdict = rules.policy.check(job.prompt)
         state, error = ("queued", None) if verdict.allowed else ("rejected", POLICY_ERROR)
         committed = self.journal.submit_later(job, source, reply, dedup_key, redelivery, state=state, error=error,

@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import ValidationError
 
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")  # AUTOMATIC1111's, edge.images does them
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client round-trips exactly
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no trailing newline slips by
 
@@ -30,7 +31,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no trai
 class Limits:
     """Bounds on what a client may ask for; set in the ``limits`` config section."""
 
-    max_payload_bytes: int = 16384
+    max_payload_bytes: int = 16384  # the job JSON without its images
+    max_image_bytes: int = 4 * 1024 * 1024  # each of init_image and mask, decoded from base64
+    max_image_pixels: int = 4096 * 4096
     max_prompt_chars: int = 1000
     max_steps: int = 150
     min_guidance: float = 0.0
@@ -39,6 +42,12 @@ class Limits:
     max_side: int = 2048
     min_priority: int = -10
     max_priority: int = 10
+    max_mask_blur: int = 64
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A whole request: the job plus two images at their limit in base64 (4 characters per 3 bytes)."""
+        return self.max_payload_bytes + 2 * (4 * -(-self.max_image_bytes // 3))
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,13 @@ class Job:
     scheduler: str | None = None
     priority: int = 0
     id: str | None = None
+    # Edit jobs (edge.editing): images as base64 PNG/JPEG/WebP, checked at submit by parse_job.
+    init_image: str | None = None
+    mask: str | None = None  # white = repaint
+    strength: float | None = None  # None: 0.75 for img2img, 1 with a mask
+    mask_blur: int = 4
+    resize_mode: str = "just_resize"
+    image_guidance: float | None = None  # InstructPix2Pix models only; None: 1.5
     return_: str = "paths"  # "return" on the wire (a Python keyword): paths, or base64 images inline (MQTT)
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,7 +112,7 @@ class Step:
     image: int  # 0-based index within the job
     count: int
     step: int  # 1-based
-    steps: int
+    steps: int  # steps that run (fewer than the job's with img2img strength < 1)
     seconds: float  # duration of this step
     # the scheduler's denoised estimate at this step (the predicted final latents; a numpy array,
     # shared, not copied): previews are made from it by whoever watches, and only then (edge.preview)
@@ -173,9 +189,13 @@ def _side(name: str, value: Any, limits: Limits) -> int | None:
 
 def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
     """Turn raw bytes from a front end into a JSON object, or raise ValidationError."""
-    size = len(payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload)
-    if size > limits.max_payload_bytes:
-        raise ValidationError("payload", f"is {size} bytes, the limit is {limits.max_payload_bytes}")
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    if b'"init_image' in raw:  # an edit job (init_image, A1111's init_images): room for its images too
+        if len(raw) > limits.max_request_bytes:
+            raise ValidationError("payload", f"is {len(raw)} bytes, the limit is {limits.max_request_bytes} "
+                                  "(limits.max_payload_bytes plus two images of limits.max_image_bytes in base64)")
+    elif len(raw) > limits.max_payload_bytes:
+        raise ValidationError("payload", f"is {len(raw)} bytes, the limit is {limits.max_payload_bytes}")
     try:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
         data = json.loads(text)
@@ -229,11 +249,38 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
         scheduler=None if scheduler is None else _text("scheduler", scheduler, 64, required=True),
         priority=_int("priority", get("priority", 0), limits.min_priority, limits.max_priority),
         return_=returns,
+        **_edit_fields(data, limits),
     )
 
 
 def new_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def _edit_fields(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """init_image, mask, strength, mask_blur, resize_mode, image_guidance; model-specific checks
+    (does this model take a mask, an image guidance?) are Pipeline.edit_kind's."""
+    fields: dict[str, Any] = {}
+    for name in ("init_image", "mask"):
+        if data.get(name) is not None:
+            from .images import ImageLimits, check_image  # Pillow: only for jobs that carry images
+            fields[name] = check_image(name, data[name], ImageLimits(limits.max_image_bytes, limits.max_image_pixels))
+    if data.get("strength") is not None:
+        fields["strength"] = _float("strength", data["strength"], 0.0, 1.0)
+    if data.get("mask_blur") is not None:
+        fields["mask_blur"] = _int("mask_blur", data["mask_blur"], 0, limits.max_mask_blur)
+    if data.get("resize_mode") is not None:
+        mode = data["resize_mode"]
+        if mode not in RESIZE_MODES:
+            raise ValidationError("resize_mode", f"{mode!r} is not supported; choose one of {', '.join(RESIZE_MODES)}")
+        fields["resize_mode"] = mode
+    if data.get("image_guidance") is not None:
+        fields["image_guidance"] = _float("image_guidance", data["image_guidance"], limits.min_guidance,
+                                          limits.max_guidance)
+    for name in ("mask", "strength"):
+        if name in fields and "init_image" not in fields:
+            raise ValidationError(name, "needs init_image (the image to edit)")
+    return fields
 
 
 def resolve_seed(job: Job) -> Job:

@@ -349,6 +349,12 @@ class Journal:
                 f"state IN ('done', 'error', 'cancelled', 'rejected') ORDER BY seq LIMIT ?", (source, limit)).fetchall()
         return [_record(r) for r in rows]
 
+    def all_jobs(self) -> list[Job]:
+        """Every journaled job, finished or not (the housekeeping looks for the input images they name)."""
+        with self._lock:
+            rows = self._db.execute("SELECT job FROM jobs").fetchall()
+        return [Job.from_dict(json.loads(row[0])) for row in rows]
+
     def prune(self, older_than: float) -> int:
         """Forget finished jobs that finished before ``older_than`` (Unix time); returns how many."""
         with self._tx() as db:

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from . import __version__
 from .errors import OutputError
+from .images import b64decode, sha256
 from .jobs import Job
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class ImageMeta:
     sampler: str
     model: str
     extra: dict[str, Any]  # timings, precision, provider, tokens dropped: sidecar only
+    settings: dict[str, str] = field(default_factory=dict)  # edit jobs: "Denoising strength", "Mask blur", ...
 
 
 def parameters_text(meta: ImageMeta) -> str:
@@ -49,9 +51,19 @@ def parameters_text(meta: ImageMeta) -> str:
     lines = [job.prompt]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
+    settings = "".join(f", {key}: {value}" for key, value in meta.settings.items())
     lines.append(f"Steps: {job.steps}, Sampler: {meta.sampler}, CFG scale: {job.guidance:g}, "
-                 f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}")
+                 f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}{settings}")
     return "\n".join(lines)
+
+
+def request_record(job: Job) -> dict[str, Any]:
+    """The job for the sidecar: input images by their sha256, not their bytes."""
+    record = job.to_dict()
+    for name in ("init_image", "mask"):
+        if record.get(name) is not None:
+            record[name] = "sha256:" + sha256(b64decode(name, record[name]))
+    return record
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -122,7 +134,7 @@ def image_path(out_dir: Path, job_id: str, seed: int, when: datetime) -> Path:
 
 
 def sidecar_bytes(meta: ImageMeta, path: Path, job_id: str, when: datetime) -> bytes:
-    record = {"image": path.name, "job_id": job_id, "request": meta.job.to_dict(), "seed": meta.seed,
+    record = {"image": path.name, "job_id": job_id, "request": request_record(meta.job), "seed": meta.seed,
               "width": meta.width, "height": meta.height, "sampler": meta.sampler, "model": meta.model,
               "parameters": parameters_text(meta), "created": when.isoformat(), **meta.extra}
     return (json.dumps(record, indent=2) + "\n").encode()
@@ -172,10 +184,12 @@ def save_result(result: Result, out_dir: Path, job_id: str, *, model: str, provi
     when = when or datetime.now(timezone.utc)
     extra = {"scheduler": result.scheduler, "timings": result.timings, "tokens_dropped": result.tokens_dropped,
              "precision": precision, "provider": provider, "version": __version__, **(extra or {})}
+    if result.warnings:
+        extra["warnings"] = result.warnings
     items = []
     for img in result.images:
         meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
-                         sampler=result.sampler, model=model, extra=extra)
+                         sampler=result.sampler, model=model, extra=extra, settings=result.parameters)
         path = image_path(out_dir, job_id, img.seed, when)
         # encoded up front: a prompt PNG or JSON cannot hold fails here, before any file is written
         items.append((path, png_bytes(img.image, parameters_text(meta)),

@@ -32,6 +32,7 @@ from .config import Config
 from .errors import CancelledError, EdgeError, ValidationError
 from .intake import Answer, Intake  # noqa: F401 (Answer: front ends type against edge.service.Answer)
 from .jobs import JobEvent, JobRecord, Step, cancel_body, error_body, history_entry, progress_body, state_body, valid_id
+from .inputs import references
 from .journal import Journal
 from .notify import Notifier
 from .output import image_path, save_result, set_files
@@ -251,7 +252,7 @@ class Service(Intake):
             self._current_step = step
             self._emit("progress", record, step)
 
-        result = self.runner.generate(job, on_step, self._cancel)
+        result = self.runner.generate(self.inputs.resolve(job), on_step, self._cancel)
         t0 = time.perf_counter()
         paths = save_result(result, self.out_dir, record.id, model=self.runner.model, provider=self.runner.provider,
                             precision=self.runner.precision, sidecar=output.sidecar, when=when,
@@ -285,6 +286,9 @@ class Service(Intake):
             removed = self.journal.prune(now - self.config.daemon.keep_days * 86400)
             if removed:
                 log.info("forgot %d finished jobs older than %g days", removed, self.config.daemon.keep_days)
+            named = set().union(*(references(job) for job in self.journal.all_jobs()))
+            if gone := self.inputs.prune(named):
+                log.info("removed %d input image(s) of forgotten jobs", gone)
 
     # --- systemd --------------------------------------------------------------------------------
     def _update_status(self) -> None:

@@ -43,6 +43,7 @@ MODEL_REFUSALS = [
     ({"id": "m1", "prompt": "a gear", "scheduler": "lcm", "steps": 60}, "steps", "between 1 and 50"),
     ({"id": "m2", "prompt": "a gear", "width": 256, "height": 256}, "width", "fixed size of 128x128"),
     ({"id": "m3", "prompt": "a gear", "scheduler": "pndm"}, "scheduler", "'pndm' is not supported"),
+    ({"id": "m4", "prompt": "a gear", "image_guidance": 1.5}, "image_guidance", "this model does not take it"),
 ]
 
 

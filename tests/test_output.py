@@ -90,3 +90,12 @@ def test_an_image_set_that_cannot_be_written_leaves_neither_png_nor_sidecar(tmp_
     assert paths == [image_path(tmp_path, "u", s, when) for s in (3, 4)]
     # written PNGs first, sidecars last: every sidecar is at least as new as every PNG
     assert max(p.stat().st_mtime_ns for p in paths) <= min(p.with_suffix(".json").stat().st_mtime_ns for p in paths)
+
+
+def test_edit_settings_follow_the_model_as_automatic1111_writes_them():
+    from edge.output import parameters_text
+    meta = ImageMeta(job=parse_job({"prompt": "make it blue", "steps": 20, "guidance": 7}), seed=5, width=512,
+                     height=512, sampler="Euler", model="pix2pix", extra={},
+                     settings={"Denoising strength": "0.6", "Mask blur": "4", "Image CFG scale": "1.5"})
+    assert parameters_text(meta).endswith("Model: pix2pix, Denoising strength: 0.6, Mask blur: 4, Image CFG scale: 1.5")
+    assert parse_parameters(parameters_text(meta))["Image CFG scale"] == "1.5"

@@ -16,7 +16,7 @@ Requests (``op`` picks the operation; every reply has ``status``: ``ok``, ``queu
                                         newest first (prompt, state, seeds, paths, times); ``next``
                                         is the ``before`` of the next page
 
-The request line is the payload that ``limits.max_payload_bytes`` bounds. Every line is answered,
+The request line is the payload that ``limits.max_request_bytes`` bounds (the job, plus its images). Every line is answered,
 whatever it holds (a request that fails unexpectedly gets ``internal error``, and the connection
 stays open). Each connection's peer uid/gid (SO_PEERCRED, :mod:`edge.peer`) is kept with the
 jobs it submits and checked against ``socket.allow_uids`` / ``socket.allow_groups``. The accept
@@ -219,7 +219,7 @@ class SocketServer:
             peer = {"uid": peer["uid"], "gid": peer["gid"]}  # the pid is gone by the time anyone reads the journal
             reader = conn.makefile("rb")
             while True:
-                line, overflow = _read_line(reader, self.service.config.limits.max_payload_bytes)
+                line, overflow = _read_line(reader, self.service.config.limits.max_request_bytes)
                 if line is None:
                     break
                 if not self._answer(conn, line, peer) or overflow:
@@ -310,7 +310,7 @@ class SocketServer:
 def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
     """One line (without the newline); (None, False) at end of stream.
 
-    A line longer than ``limit`` is read on up to HARD_LINE_CAP so that decode_payload can name
+    A line longer than ``limit`` is read on up to HARD_LINE_CAP (or twice the limit) so that decode_payload can name
     its size; past that the connection is dropped (overflow True).
     """
     line = reader.readline(limit + 2)
@@ -318,7 +318,7 @@ def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
         return None, False
     if line.endswith(b"\n") or len(line) < limit + 2:
         return line.rstrip(b"\r\n"), False
-    rest = reader.readline(HARD_LINE_CAP - len(line))
+    rest = reader.readline(max(HARD_LINE_CAP, 2 * limit) - len(line))
     line += rest
     overflow = not line.endswith(b"\n")
     return line.rstrip(b"\r\n"), overflow
