@@ -6,6 +6,7 @@
     text_encoder/model.onnx   (+ config.json)
     unet/model.onnx           (+ config.json; external weights in model.onnx_data or weights.pb)
     vae_decoder/model.onnx    (+ config.json: scaling_factor, block_out_channels; or an AutoencoderTiny)
+    vae_encoder/model.onnx    optional: only image-to-image, inpainting and instruction editing use it
     edge.json                 optional: {"steps": 1, "guidance": 0.0, "scheduler": "euler"}, the
                               model's recommended job defaults
 
@@ -29,7 +30,9 @@ from .onnx_files import model_bytes
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+OPTIONAL_COMPONENTS = ("vae_encoder",)
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+EXPORT_COMMAND = "optimum-cli export onnx --task text-to-image --model MODEL_ID DEST"
 EMBEDDED_MODEL = Path(__file__).parent / "models" / "knolling-tiny"
 TINY_DECODER = "AutoencoderTiny"
 
@@ -78,6 +81,17 @@ class Bundle:
     def tiny_decoder(self) -> bool:
         """A diffusers AutoencoderTiny (TAESD): it decodes the UNet's latents as they are."""
         return self.components["vae_decoder"].config.get("_class_name") == TINY_DECODER
+
+    @property
+    def vae_encoder(self) -> Component | None:
+        return self.components.get("vae_encoder")
+
+    @property
+    def encoder_scaling_factor(self) -> float:
+        """What encoded latents are multiplied by: the encoder's own config (a bundle may pair it with
+        a tiny decoder, whose factor is 1), else the decoder's."""
+        config = self.vae_encoder.config if self.vae_encoder else {}
+        return float(config.get("scaling_factor") or self.vae_scaling_factor)
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -133,7 +147,7 @@ def _component(root: Path, name: str, folder: Path | None = None) -> Component:
     variants = {p: folder / f for p, f in VARIANT_FILES.items() if (folder / f).is_file()}
     if "fp32" not in variants:
         raise BundleError(f"{folder / 'model.onnx'}: missing; expected the {name} ONNX model "
-                          f"(export with `optimum-cli export onnx --task text-to-image`)")
+                          f"(export with `{EXPORT_COMMAND}`)")
     config = read_json(folder / "config.json", f"the {name} config as a JSON object", required=False)
     return Component(name, folder, config, variants)
 
@@ -187,6 +201,7 @@ def load_bundle(path: Path | str | None = None, decoder: Path | str | None = Non
     if decoder is not None and None not in (unet_out, latent) and unet_out != latent:
         raise BundleError(f"model.decoder: {decoder} decodes {latent}-channel latents; the UNet of {root} "
                           f"makes {unet_out}-channel ones (an SD 1.x/2.x decoder takes 4)")
+    components.update({name: _component(root, name) for name in OPTIONAL_COMPONENTS if (root / name).is_dir()})
     log.debug("bundle %s: %s", root, index.get("_class_name"))
     return Bundle(root=root, name=root.name, scheduler_config=scheduler, tokenizer_dir=tokenizer_dir,
                   components=components, recommended=_recommended(root / "edge.json"))

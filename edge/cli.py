@@ -1,27 +1,32 @@
-"""The ``edge-imagegen`` command: generate, doctor, quantize, profile, serve (the daemon) and submit."""
+"""The ``edge-imagegen`` command: generate, doctor, quantize, profile, serve (the daemon), submit, history
+and ha-remove."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from . import __version__
-from .bundle import COMPONENTS
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS
 from .config import Config, load_config
 from .console import ProgressBar
-from .errors import EdgeError
-from .jobs import Step, admit, parse_job
+from .errors import EdgeError, ValidationError
+from .jobs import RESIZE_MODES, Step, admit, parse_job
 
 # Commands import the model side (onnxruntime, numpy) inside their functions: `submit` and
 # `--help` stay fast, since a thin client should not pay for what it never runs.
 log = logging.getLogger("edge")
 
-JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler")
+JOB_FLAGS = ("negative_prompt", "steps", "guidance", "seed", "count", "width", "height", "scheduler",
+             "strength", "mask_blur", "resize_mode", "image_guidance")
+IMAGE_FLAGS = ("init_image", "mask")  # file paths on the command line, base64 in the job
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -44,6 +49,12 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", help="euler, euler_a, ddim, lcm, dpmpp_2m, dpmpp_2m_karras")
     p.add_argument("--lora", action="append", metavar="NAME[:STRENGTH]", type=_lora_flag,
                    help="a LoRA from lora.dir, strength 1 if not given (repeatable); <lora:NAME:S> in the prompt works too")
+    p.add_argument("--init-image", metavar="PATH", help="start from this image (PNG, JPEG, WebP): image to image")
+    p.add_argument("--strength", type=float, help="0-1: how much of the schedule runs (default 0.75; 1 with --mask)")
+    p.add_argument("--mask", metavar="PATH", help="inpaint: white = repaint, black = keep (needs --init-image)")
+    p.add_argument("--mask-blur", type=int, help="mask blur radius in pixels (default 4)")
+    p.add_argument("--resize-mode", choices=RESIZE_MODES, help="fit the init image to the size (default just_resize)")
+    p.add_argument("--image-guidance", type=float, help="InstructPix2Pix models: image guidance scale (default 1.5)")
 
 
 def _lora_flag(value: str) -> dict[str, Any]:
@@ -52,6 +63,19 @@ def _lora_flag(value: str) -> dict[str, Any]:
         return {"name": name, **({"strength": float(strength)} if strength else {})}
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r}: the strength after ':' must be a number") from None
+
+
+def _job_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """Flags given on the command line as job fields; image paths read and base64-encoded."""
+    fields = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name in IMAGE_FLAGS:
+        path = getattr(args, name)
+        if path is not None:
+            try:
+                fields[name] = base64.b64encode(Path(path).expanduser().read_bytes()).decode("ascii")
+            except OSError as exc:
+                raise ValidationError(name, f"{path}: cannot read the file ({exc.strerror})") from None
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--prompts", type=int, default=6, help="calibration prompts to run (at most 6)")
     quant.add_argument("--max-feeds", type=int, default=48,
                        help="calibration inputs kept per component (more: better ranges, longer calibration)")
-    quant.add_argument("--only", action="append", choices=COMPONENTS, metavar="COMPONENT",
-                       help="quantize only this component: text_encoder, unet or vae_decoder (repeatable;"
-                       " e.g. again after it ran out of memory)")
+    quant.add_argument("--only", action="append", choices=COMPONENTS + OPTIONAL_COMPONENTS, metavar="COMPONENT",
+                       help="quantize only this component: text_encoder, unet, vae_decoder or vae_encoder "
+                       "(repeatable; e.g. again after it ran out of memory)")
     quant.add_argument("--precision", action="append", choices=("fp16", "int8"),
                        help="write only this variant (repeatable; default both)")
     quant.add_argument("--min-psnr", type=float, default=20.0,
@@ -96,10 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     sbm.add_argument("--config", type=Path, help="YAML config (its socket section is used)")
     sbm.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
+    hist = sub.add_parser("history", help="list past and current jobs of the running daemon, newest first")
+    hist.add_argument("--limit", type=int, default=20, help="jobs per page (1-500)")
+    hist.add_argument("--before", help="start after this job id (the `next` of the previous page)")
+    hist.add_argument("--all", action="store_true", help="follow the pages to the oldest job")
+    hist.add_argument("--json", action="store_true", help="print each page as the daemon's JSON")
+    hist.add_argument("--socket", type=Path, help="the daemon's socket (default: socket.path, then the usual places)")
+    hist.add_argument("--config", type=Path, help="YAML config (its socket section is used)")
+    hist.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    har = sub.add_parser("ha-remove", help="remove the device from Home Assistant (empty retained discovery configs)")
+    har.add_argument("--config", type=Path, help="YAML config (its mqtt and daemon.device_id are used)")
+    har.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
     prof = sub.add_parser("profile", help="measure each variant on this machine; writes variants.json")
     prof.add_argument("model_dir", type=Path)
     prof.add_argument("--config", type=Path, help="YAML config (its runtime section is used)")
     prof.add_argument("--calls", type=int, default=3)
+    prof.add_argument("--only", action="append", choices=COMPONENTS + OPTIONAL_COMPONENTS, metavar="COMPONENT",
+                      help="measure only this component (repeatable; the others' entries are kept)")
     return parser
 
 
@@ -121,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loader import load_pipeline, with_model_defaults
     from .output import save_result
     config = with_model_defaults(config_from_args(args))
-    fields = {name: getattr(args, name) for name in JOB_FLAGS if getattr(args, name) is not None}
+    fields = _job_fields(args, JOB_FLAGS)
     job = parse_job({"prompt": args.prompt, "id": args.id, "loras": args.lora, **fields}, config.limits,
                     config.defaults)
     pipeline = load_pipeline(config)
@@ -200,7 +239,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     logging.getLogger("edge").setLevel(logging.INFO)
     manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
                                fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds,
-                               components=tuple(args.only or COMPONENTS),
+                               components=tuple(args.only) if args.only else None,
                                precisions=tuple(args.precision or ("fp16", "int8")))
     print(json.dumps(manifest["components"], indent=2))
     return 0
@@ -210,7 +249,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .bundle import load_bundle
     from .profile import profile_bundle
     config = load_config(args.config)
-    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls)
+    manifest = profile_bundle(load_bundle(args.model_dir), config.runtime, calls=args.calls,
+                              components=tuple(args.only) if args.only else None)
     print(json.dumps(manifest, indent=2))
     return 0
 
@@ -218,14 +258,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import serve
     from .loader import with_model_defaults
-    return serve(with_model_defaults(config_from_args(args)))
+
+    def load() -> Config:  # at start, and again on SIGHUP
+        return with_model_defaults(config_from_args(args))
+
+    return serve(load(), load_config=load)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .paths import client_socket_path
     config = config_from_args(args)
     # the fields go to the daemon as given: it validates them (one validator for every front end)
-    job = {name: getattr(args, name) for name in (*JOB_FLAGS, "priority", "id") if getattr(args, name) is not None}
+    job = _job_fields(args, (*JOB_FLAGS, "priority", "id"))
     if args.lora:
         job["loras"] = args.lora
     return run_submit(args.socket or client_socket_path(config), {"prompt": args.prompt, **job},
@@ -262,8 +306,55 @@ def run_submit(path: Path, job: dict[str, Any], wait: bool = True, out: TextIO =
     return 2
 
 
+def cmd_history(args: argparse.Namespace) -> int:
+    from .client import SocketClient
+    from .paths import client_socket_path
+    config = config_from_args(args)
+    before = args.before
+    with SocketClient(args.socket or client_socket_path(config)) as client:
+        while True:
+            page = client.history(args.limit, before)
+            if page["status"] != "ok":
+                print(f"error: {page['error']}", file=sys.stderr)
+                return 2
+            if args.json:
+                print(json.dumps(page))
+            else:
+                _print_history(page["jobs"])
+            before = page["next"]
+            if not args.all or before is None:
+                return 0
+
+
+def _print_history(jobs: list[dict[str, Any]]) -> None:
+    for job in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job["submitted"]))
+        seeds = ",".join(str(s) for s in job["seeds"])
+        print(f"{job['id']}  {job['state']}  {when}Z  seed {seeds}  {json.dumps(job['prompt'])}")
+        for path in job["paths"]:
+            print(f"    {path}")
+        if job["error"] and job["state"] != "done":
+            print(f"    {job['error']}")
+
+
+def cmd_ha_remove(args: argparse.Namespace) -> int:
+    from .comms.homeassistant import remove_discovery
+    from .comms.mqtt_connection import one_off_client
+    from .service import default_device_id
+    config = config_from_args(args)
+    device_id = default_device_id(config)
+    client = one_off_client(config, f"{config.mqtt.client_id or 'edge-imagegen-' + device_id}-ha-remove")
+    topics = remove_discovery(client, config, device_id)
+    print(f"removed {len(topics)} Home Assistant discovery configs of {device_id} from "
+          f"{config.mqtt.host}:{config.mqtt.port}", file=sys.stderr)
+    if config.mqtt.homeassistant:
+        print("note: mqtt.homeassistant is true in this config: the daemon announces the device again at its "
+              "next connect", file=sys.stderr)
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "doctor": cmd_doctor, "quantize": cmd_quantize, "profile": cmd_profile,
-            "serve": cmd_serve, "submit": cmd_submit}
+            "serve": cmd_serve, "submit": cmd_submit, "history": cmd_history, "ha-remove": cmd_ha_remove}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The client of ``serve``'s Unix socket: ``edge-imagegen submit`` and the tests use it.
+"""The client of ``serve``'s Unix socket: ``edge-imagegen submit``, ``history`` and the tests use it.
 
 Thin on purpose: it imports neither onnxruntime nor numpy, so a submit costs milliseconds.
 """
@@ -60,6 +60,13 @@ class SocketClient:
             yield message
             if message.get("event") in (None, "result"):
                 return
+
+    def history(self, limit: int = 20, before: str | None = None) -> dict[str, Any]:
+        """One page of the journal, newest first: ``{"status", "jobs", "next"}`` (``next``: the next ``before``)."""
+        request: dict[str, Any] = {"op": "list", "limit": limit}
+        if before is not None:
+            request["before"] = before
+        return self.request(request)
 
     def submit_and_watch(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """The submit reply, then the job's events up to and including its result."""

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .bundle import COMPONENTS
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS
 from .errors import ConfigError
 from .jobs import Defaults, Limits
 
@@ -90,6 +90,8 @@ class SocketConfig:
     enabled: bool = True
     path: str | None = None  # None: $RUNTIME_DIRECTORY/edge-imagegen.sock, see edge.paths
     mode: str = "0660"
+    allow_uids: tuple[int, ...] = ()  # with allow_groups: who may connect (SO_PEERCRED); both empty: socket.mode decides
+    allow_groups: tuple[str, ...] = ()  # group names; a member (primary or supplementary group) may connect
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,12 @@ class MqttConfig:
     progress_interval: float = 0.5
     reconnect_min_delay: int = 1
     reconnect_max_delay: int = 60
+    publish_images: bool = True  # PNG bytes on <prefix>/jobs/<id>/image/<k> and retained <prefix>/image
+    max_image_bytes: int = 1048576  # the broker's message_size_limit; larger images: a note in the result
+    homeassistant: bool = False  # Home Assistant MQTT discovery
+    discovery_prefix: str = "homeassistant"
+    homeassistant_remove: bool = False  # publish empty discovery configs at connect: HA forgets the device
+    tcp_nodelay: bool = True  # send small packets (PUBACK, progress) at once; see benchmarks/README.md
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,7 @@ NON_NEGATIVE = ("runtime.threads", "runtime.vae_tile_size", "memory.headroom_mb"
                 "daemon.max_queue", "daemon.stop_timeout", "daemon.max_attempts", "daemon.stall_timeout",
                 "daemon.keep_days", "mqtt.port", "mqtt.keepalive", "mqtt.session_expiry",
                 "mqtt.progress_interval", "mqtt.reconnect_min_delay", "mqtt.reconnect_max_delay",
+                "mqtt.max_image_bytes",
                 "http.port", "http.max_body_bytes", "http.request_timeout", "http.preview_every",
                 "http.kiosk_idle_seconds")
 
@@ -264,9 +273,9 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
     for component in config.runtime.component_providers:
-        if component not in COMPONENTS:
+        if component not in COMPONENTS + OPTIONAL_COMPONENTS:
             raise ConfigError(f"runtime.component_providers.{component}: unknown component; choose one of "
-                              f"{', '.join(COMPONENTS)}")
+                              f"{', '.join(COMPONENTS + OPTIONAL_COMPONENTS)}")
     if config.limits.min_guidance > config.limits.max_guidance:
         raise ConfigError("limits.min_guidance: must not exceed limits.max_guidance")
     if config.limits.min_lora_strength > config.limits.max_lora_strength:
@@ -301,7 +310,10 @@ def _check_daemon_sections(config: Config) -> None:
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ConfigError(f"daemon.{name}: {value!r} must be 1 to 64 letters, digits, '_', '.' or '-' "
                               f"(it is part of MQTT topics)")
-    for name in ("topic_prefix", "fleet_prefix", "fleet_group"):
+    if config.mqtt.homeassistant and config.mqtt.homeassistant_remove:
+        raise ConfigError("mqtt.homeassistant_remove: cannot be true while mqtt.homeassistant is true "
+                          "(one announces the device, the other removes it)")
+    for name in ("topic_prefix", "fleet_prefix", "fleet_group", "discovery_prefix"):
         value = getattr(config.mqtt, name)
         if value is not None and (not value or any(c in value for c in "+#\x00") or value.endswith("/")
                                   or (name == "fleet_group" and "/" in value)):

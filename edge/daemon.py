@@ -4,10 +4,12 @@
 (before the model loads), loads the model, starts the :class:`~edge.service.Service` and the
 front ends in :mod:`edge.comms`, and waits for a signal.
 
-Lifecycle (systemd ``Type=notify``): READY=1 once the model is loaded, STATUS= lines, WATCHDOG=1
-while the worker's heartbeat is fresh, STOPPING=1 on SIGTERM; then the front ends stop accepting,
-the running job gets ``daemon.stop_timeout`` seconds to finish or is cancelled and left queued,
-and MQTT disconnects cleanly after publishing ``offline``.
+Lifecycle (systemd ``Type=notify``): the state folder's lock first (:mod:`edge.lock`: one daemon
+per folder), READY=1 once the model is loaded, STATUS= lines, WATCHDOG=1 while the worker's
+heartbeat is fresh, RELOADING=1 on SIGHUP (:mod:`edge.reload`), STOPPING=1 on SIGTERM or SIGINT;
+then the front ends stop accepting, the running job gets ``daemon.stop_timeout`` seconds to finish
+or is cancelled and left queued, MQTT disconnects cleanly after publishing ``offline``, and the
+exit status is 0.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import logging
 import signal
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 from . import disk
 from .comms import FrontEnd
 from .config import Config
 from .journal import Journal
+from .lock import StateLock, writable_dir
 from .notify import Notifier
-from .paths import output_dir, state_dir
+from .paths import output_dir, server_socket_path, state_dir
+from .reload import reload
 from .runner import PipelineRunner, Runner
 from .service import Service
 
@@ -57,19 +62,29 @@ def load_runner(config: Config) -> Runner:
     return PipelineRunner(load_pipeline(config))
 
 
-def serve(config: Config, make_runner: Callable[[Config], Runner] = load_runner) -> int:
-    """Run the daemon until SIGTERM or SIGINT; returns the exit status."""
-    from .comms.mqtt import MqttFrontEnd
-    from .comms.unix_socket import SocketServer
-
-    notifier = Notifier.from_env()
-    stop = threading.Event()
+def serve(config: Config, make_runner: Callable[[Config], Runner] = load_runner,
+          load_config: Callable[[], Config] | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; returns the exit status. ``load_config`` re-reads
+    the config on SIGHUP (None: SIGHUP only logs that there is nothing to reload from)."""
+    stop, hangup = threading.Event(), threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGHUP, lambda signum, frame: hangup.set())  # its default would kill the daemon
 
-    state = state_dir(config)
-    state.mkdir(parents=True, exist_ok=True)
-    out_dir = output_dir(config, state)
+    state = writable_dir(state_dir(config), "daemon.state_dir")
+    with StateLock(state):  # before recovery touches the journal or the temp files
+        return _serve(config, state, make_runner, load_config, stop, hangup)
+
+
+def _serve(config: Config, state: Path, make_runner: Callable[[Config], Runner],
+           load_config: Callable[[], Config] | None, stop: threading.Event, hangup: threading.Event) -> int:
+    from .comms.mqtt import MqttFrontEnd
+    from .comms.unix_socket import SocketServer, activated_socket_present
+
+    out_dir = writable_dir(output_dir(config, state), "output.dir")
+    if config.socket.enabled and not activated_socket_present():
+        writable_dir(server_socket_path(config).parent, "socket.path")
+    notifier = Notifier.from_env()
     journal = Journal(state / "jobs.sqlite3", config.daemon.max_queue)
     requeued, failed = journal.recover(config.daemon.max_attempts)
     if requeued:
@@ -103,8 +118,15 @@ def serve(config: Config, make_runner: Callable[[Config], Runner] = load_runner)
     log.info("ready: model %s, precision %s, provider %s, state in %s, images in %s", runner.model,
              runner.precision, runner.provider, state, out_dir)
 
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(0.2):
+        if hangup.is_set():
+            hangup.clear()
+            notifier.notify("RELOADING=1")
+            if load_config is None:
+                log.warning("SIGHUP: no config file to reload from")
+            else:
+                reload(service, load_config)
+            notifier.notify("READY=1")
 
     log.info("stopping")
     notifier.stopping()

@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ValidationError
+from .job_fields import float_field, int_field, text_field
+from .job_loras import LoraRef, parse_loras
 
-MAX_SEED = 2**53 - 1
-LORA_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?>")  # AUTOMATIC1111's prompt syntax  # the largest integer every JSON client round-trips exactly
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")  # AUTOMATIC1111's, edge.images does them
+MAX_SEED = 2**53 - 1  # the largest integer every JSON client round-trips exactly
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no trailing newline slips by
 
 
@@ -31,7 +33,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # used with fullmatch: no trai
 class Limits:
     """Bounds on what a client may ask for; set in the ``limits`` config section."""
 
-    max_payload_bytes: int = 16384
+    max_payload_bytes: int = 16384  # the job JSON without its images
+    max_image_bytes: int = 4 * 1024 * 1024  # each of init_image and mask, decoded from base64
+    max_image_pixels: int = 4096 * 4096
     max_prompt_chars: int = 1000
     max_steps: int = 150
     min_guidance: float = 0.0
@@ -43,6 +47,12 @@ class Limits:
     max_loras: int = 4
     min_lora_strength: float = 0.0
     max_lora_strength: float = 1.5
+    max_mask_blur: int = 64
+
+    @property
+    def max_request_bytes(self) -> int:
+        """A whole request: the job plus two images at their limit in base64 (4 characters per 3 bytes)."""
+        return self.max_payload_bytes + 2 * (4 * -(-self.max_image_bytes // 3))
 
 
 @dataclass(frozen=True)
@@ -56,14 +66,6 @@ class Defaults:
     scheduler: str | None = None  # None: the bundle's scheduler_config.json
     width: int | None = None  # None: the model's native size
     height: int | None = None
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    """A LoRA a job asks for: a file name in ``lora.dir`` (without ``.safetensors``) and its strength."""
-
-    name: str
-    strength: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,35 @@ class Job:
     scheduler: str | None = None
     priority: int = 0
     id: str | None = None
+    # Edit jobs (edge.editing): images as base64 PNG/JPEG/WebP, checked at submit by parse_job.
+    init_image: str | None = None
+    mask: str | None = None  # white = repaint
+    strength: float | None = None  # None: 0.75 for img2img, 1 with a mask
+    mask_blur: int = 4
+    resize_mode: str = "just_resize"
+    image_guidance: float | None = None  # InstructPix2Pix models only; None: 1.5
+    return_: str = "paths"  # "return" on the wire (a Python keyword): paths, or base64 images inline (MQTT)
     loras: tuple[LoraRef, ...] = ()
 
     def __post_init__(self) -> None:  # a journaled job comes back with its LoRAs as JSON objects
         object.__setattr__(self, "loras", tuple(LoraRef(**r) if isinstance(r, dict) else r for r in self.loras))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["return"] = data.pop("return_")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """The inverse of :meth:`to_dict` (a journal written before ``return`` existed lacks it)."""
+        data = dict(data)
+        if "return" in data:
+            data["return_"] = data.pop("return")
+        return cls(**data)
 
 
-JOB_FIELDS = tuple(f.name for f in fields(Job))
+JOB_FIELDS = tuple("return" if f.name == "return_" else f.name for f in fields(Job))
+RETURN_MODES = ("paths", "base64")
 
 
 @dataclass(frozen=True)
@@ -100,7 +121,7 @@ class Step:
     image: int  # 0-based index within the job
     count: int
     step: int  # 1-based
-    steps: int
+    steps: int  # steps that run (fewer than the job's with img2img strength < 1)
     seconds: float  # duration of this step
     # the scheduler's denoised estimate at this step (the predicted final latents; a numpy array,
     # shared, not copied): previews are made from it by whoever watches, and only then (edge.preview)
@@ -108,56 +129,33 @@ class Step:
 
 
 # --- validation ----------------------------------------------------------------------------------
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ValidationError(name, f"must be an integer, got {type(value).__name__} {value!r}")
-    if not lo <= value <= hi:
-        raise ValidationError(name, f"must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _float(name: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(name, f"must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not lo <= value <= hi:  # also rejects NaN
-        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {value:g}")
-    return value
-
-
-def _text(name: str, value: Any, max_chars: int, required: bool) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(name, f"must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise ValidationError(name, "must not be empty")
-    if len(value) > max_chars:
-        raise ValidationError(name, f"is {len(value)} characters, the limit is {max_chars}")
-    if "\x00" in value:
-        raise ValidationError(name, "must not contain NUL characters")
-    return value
-
-
 def _side(name: str, value: Any, limits: Limits) -> int | None:
     if value is None:
         return None
-    return _int(name, value, 8, limits.max_side)
+    return int_field(name, value, 8, limits.max_side)
 
 
 def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
     """Turn raw bytes from a front end into a JSON object, or raise ValidationError."""
-    size = len(payload.encode() if isinstance(payload, str) else payload)
-    if size > limits.max_payload_bytes:
-        raise ValidationError("payload", f"is {size} bytes, the limit is {limits.max_payload_bytes}")
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    if b'"init_image' in raw:  # an edit job (init_image, A1111's init_images): room for its images too
+        if len(raw) > limits.max_request_bytes:
+            raise ValidationError("payload", f"is {len(raw)} bytes, the limit is {limits.max_request_bytes} "
+                                  "(limits.max_payload_bytes plus two images of limits.max_image_bytes in base64)")
+    elif len(raw) > limits.max_payload_bytes:
+        raise ValidationError("payload", f"is {len(raw)} bytes, the limit is {limits.max_payload_bytes}")
     try:
         text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
         data = json.loads(text)
-    except UnicodeDecodeError as exc:
+    except UnicodeError as exc:  # invalid UTF-8 bytes, or a str with lone surrogates
         raise ValidationError("payload", f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValidationError("payload", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ValidationError("payload", "is nested too deeply to decode") from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise ValidationError("payload", f"holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                                         f"no field takes one") from None
     if not isinstance(data, dict):
         raise ValidationError("payload", f"must be a JSON object, got {type(data).__name__}")
     return data
@@ -170,7 +168,7 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
     """
     unknown = sorted(set(data) - set(JOB_FIELDS))
     if unknown:
-        raise ValidationError(unknown[0], f"is not a job field; known fields: {', '.join(JOB_FIELDS)}")
+        raise ValidationError(unknown[0][:64], f"is not a job field; known fields: {', '.join(JOB_FIELDS)}")
     if "prompt" not in data:
         raise ValidationError("prompt", "is required")
 
@@ -182,66 +180,61 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
     if job_id is not None and valid_id(job_id) is None:
         raise ValidationError("id", "must be 1 to 64 characters of letters, digits, '_', '.' or '-'")
     scheduler = get("scheduler", defaults.scheduler)
-    prompt, loras = _loras(_text("prompt", data["prompt"], limits.max_prompt_chars, required=True),
-                           data.get("loras"), limits)
+    prompt, loras = parse_loras(text_field("prompt", data["prompt"], limits.max_prompt_chars, required=True),
+                                data.get("loras"), limits.max_loras)
+    returns = get("return", "paths")
+    if returns not in RETURN_MODES:
+        raise ValidationError("return", f"must be one of {', '.join(RETURN_MODES)}, got {returns!r}")
     return Job(
         id=job_id,
         prompt=prompt,
-        negative_prompt=_text("negative_prompt", get("negative_prompt", defaults.negative_prompt),
+        negative_prompt=text_field("negative_prompt", get("negative_prompt", defaults.negative_prompt),
                               limits.max_prompt_chars, required=False),
-        steps=_int("steps", get("steps", defaults.steps), 1, limits.max_steps),
-        guidance=_float("guidance", get("guidance", defaults.guidance), limits.min_guidance, limits.max_guidance),
-        seed=_int("seed", get("seed", -1), -1, MAX_SEED),
-        count=_int("count", get("count", defaults.count), 1, limits.max_count),
+        steps=int_field("steps", get("steps", defaults.steps), 1, limits.max_steps),
+        guidance=float_field("guidance", get("guidance", defaults.guidance), limits.min_guidance, limits.max_guidance),
+        seed=int_field("seed", get("seed", -1), -1, MAX_SEED),
+        count=int_field("count", get("count", defaults.count), 1, limits.max_count),
         width=_side("width", get("width", defaults.width), limits),
         height=_side("height", get("height", defaults.height), limits),
-        scheduler=None if scheduler is None else _text("scheduler", scheduler, 64, required=True),
-        priority=_int("priority", get("priority", 0), limits.min_priority, limits.max_priority),
-        loras=loras,
+        scheduler=None if scheduler is None else text_field("scheduler", scheduler, 64, required=True),
+        priority=int_field("priority", get("priority", 0), limits.min_priority, limits.max_priority),
+        loras=tuple(LoraRef(name, float_field(f"loras.{name}.strength", strength, limits.min_lora_strength,
+                                         limits.max_lora_strength)) for name, strength in loras),
+        return_=returns,
+        **_edit_fields(data, limits),
     )
 
 
-def _loras(prompt: str, given: Any, limits: Limits) -> tuple[str, tuple[LoraRef, ...]]:
-    """The job's LoRAs: the ``loras`` field, then ``<lora:name:strength>`` tags taken out of the prompt.
-
-    Whether a name exists is the runner's check (it needs the files); here only the form and limits.
-    """
-    if given is None:
-        given = []
-    if not isinstance(given, list):
-        raise ValidationError("loras", f"must be a list of {{\"name\": ..., \"strength\": ...}}, got "
-                              f"{type(given).__name__}")
-    entries: list[tuple[Any, Any]] = []
-    for i, item in enumerate(given):
-        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "strength"}:
-            raise ValidationError("loras", f"item {i} must be an object with name and optional strength, got {item!r}")
-        entries.append((item["name"], item.get("strength", 1.0)))
-    for match in LORA_TAG.finditer(prompt):
-        strength = match.group(2)
-        try:
-            entries.append((match.group(1), 1.0 if strength is None else float(strength)))
-        except ValueError:
-            raise ValidationError("loras", f"{match.group(0)} in the prompt: the strength must be a number") from None
-    stripped = " ".join(LORA_TAG.sub(" ", prompt).split()) if LORA_TAG.search(prompt) else prompt
-    if len(entries) > limits.max_loras:
-        raise ValidationError("loras", f"{len(entries)} LoRAs asked for, the limit is {limits.max_loras}")
-    refs = []
-    for name, strength in entries:
-        if not isinstance(name, str) or not LORA_NAME.fullmatch(name):
-            raise ValidationError("loras", f"name {name!r} must be 1 to 64 letters, digits, '_', '.' or '-'")
-        refs.append(LoraRef(name, _float(f"loras.{name}.strength", strength, limits.min_lora_strength,
-                                           limits.max_lora_strength)))
-    names = [r.name for r in refs]
-    twice = next((n for n in names if names.count(n) > 1), None)
-    if twice is not None:
-        raise ValidationError("loras", f"{twice} is asked for twice")
-    if not stripped.strip():
-        raise ValidationError("prompt", "must not be empty once its <lora:...> tags are taken out")
-    return stripped, tuple(refs)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def _edit_fields(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """init_image, mask, strength, mask_blur, resize_mode, image_guidance; model-specific checks
+    (does this model take a mask, an image guidance?) are Pipeline.edit_kind's."""
+    fields: dict[str, Any] = {}
+    for name in ("init_image", "mask"):
+        if data.get(name) is not None:
+            from .images import ImageLimits, check_image  # Pillow: only for jobs that carry images
+            fields[name] = check_image(name, data[name], ImageLimits(limits.max_image_bytes, limits.max_image_pixels))
+    if data.get("strength") is not None:
+        fields["strength"] = float_field("strength", data["strength"], 0.0, 1.0)
+    if data.get("mask_blur") is not None:
+        fields["mask_blur"] = int_field("mask_blur", data["mask_blur"], 0, limits.max_mask_blur)
+    if data.get("resize_mode") is not None:
+        mode = data["resize_mode"]
+        if mode not in RESIZE_MODES:
+            raise ValidationError("resize_mode", f"{mode!r} is not supported; choose one of {', '.join(RESIZE_MODES)}")
+        fields["resize_mode"] = mode
+    if data.get("image_guidance") is not None:
+        fields["image_guidance"] = float_field("image_guidance", data["image_guidance"], limits.min_guidance,
+                                          limits.max_guidance)
+    for name in ("mask", "strength"):
+        if name in fields and "init_image" not in fields:
+            raise ValidationError(name, "needs init_image (the image to edit)")
+    return fields
 
 
 def resolve_seed(job: Job) -> Job:
@@ -289,6 +282,7 @@ class JobRecord:
     result: dict[str, Any] | None
     error: str | None
     delivered: bool  # the front end confirmed the result reached its client or broker
+    peer: dict[str, int] | None = None  # the socket client's {"uid", "gid", "pid"} (SO_PEERCRED)
 
     @property
     def finished_state(self) -> bool:
@@ -297,7 +291,7 @@ class JobRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "state": self.state, "job": self.job.to_dict(), "source": self.source,
                 "submitted": self.submitted, "started": self.started, "finished": self.finished,
-                "attempts": self.attempts, "result": self.result, "error": self.error}
+                "attempts": self.attempts, "result": self.result, "error": self.error, "peer": self.peer}
 
 
 # --- wire bodies ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import numpy as np
 from .bundle import Bundle
 from .config import LoraConfig
 from .errors import BundleError, MemoryBudgetError, ValidationError
-from .jobs import LoraRef
+from .job_loras import LoraRef
 from .lora import LORA_COMPONENTS, LoraFile, LoraLayer, match_layers
 from .lora_graph import WeightRef, weight_map
 from .memory import MB, footprint, load_manifest, read_budget

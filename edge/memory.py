@@ -28,7 +28,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import COMPONENTS, Bundle
+from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, Bundle
 from .errors import MemoryBudgetError
 from .onnx_files import model_bytes
 from .variants import read_manifest
@@ -78,6 +78,7 @@ def fixed_plan(precisions: dict[str, str] | None = None, reason: str = "asked fo
     """A plan that is not chosen from the budget: every component resident, at the given
     precision (FP32 where not given). Quantization, profiling and tests run these."""
     full = {c: (precisions or {}).get(c, "fp32") for c in COMPONENTS}
+    full.update({c: p for c, p in (precisions or {}).items() if c in OPTIONAL_COMPONENTS})
     tier = "fp32" if set(full.values()) == {"fp32"} else "custom"
     return Plan(tier, full, 0, False, False, reason)
 
@@ -143,7 +144,7 @@ def footprint(bundle: Bundle, manifest: dict, component: str, precision: str,
 
 def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:
     precisions = {}
-    for comp in COMPONENTS:
+    for comp in bundle.components:  # the optional vae_encoder too, where the bundle has one
         variants = bundle.components[comp].variants
         precisions[comp] = next(p for p in TIERS[tier] if p in variants)
     lowmem = tier == "int8-lowmem"

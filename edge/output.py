@@ -23,6 +23,7 @@ from PIL import Image, PngImagePlugin
 
 from . import __version__
 from .errors import OutputError
+from .images import b64decode, sha256
 from .jobs import Job
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class ImageMeta:
     sampler: str
     model: str
     extra: dict[str, Any]  # timings, precision, provider, tokens dropped: sidecar only
+    settings: dict[str, str] = field(default_factory=dict)  # edit jobs: "Denoising strength", "Mask blur", ...
     lora_hashes: dict[str, str] = field(default_factory=dict)  # LoRA name -> sha256 of its file
 
 
@@ -60,12 +62,22 @@ def parameters_text(meta: ImageMeta) -> str:
     if job.negative_prompt:
         lines.append(f"Negative prompt: {job.negative_prompt}")
     settings = (f"Steps: {job.steps}, Sampler: {meta.sampler}, CFG scale: {job.guidance:g}, "
-                f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}")
+                f"Seed: {meta.seed}, Size: {meta.width}x{meta.height}, Model: {meta.model}"
+                + "".join(f", {key}: {value}" for key, value in meta.settings.items()))
     if job.loras:
         hashes = ", ".join(f"{r.name}: {meta.lora_hashes.get(r.name, '')[:12]}" for r in job.loras)
         settings += f', Lora hashes: "{hashes}"'
     lines.append(settings)
     return "\n".join(lines)
+
+
+def request_record(job: Job) -> dict[str, Any]:
+    """The job for the sidecar: input images by their sha256, not their bytes."""
+    record = job.to_dict()
+    for name in ("init_image", "mask"):
+        if record.get(name) is not None:
+            record[name] = "sha256:" + sha256(b64decode(name, record[name]))
+    return record
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -135,39 +147,68 @@ def image_path(out_dir: Path, job_id: str, seed: int, when: datetime) -> Path:
     return out_dir / when.strftime("%Y-%m-%d") / f"{when.strftime('%Y%m%dT%H%M%SZ')}_{job_id}_{seed}.png"
 
 
+def sidecar_bytes(meta: ImageMeta, path: Path, job_id: str, when: datetime) -> bytes:
+    loras = [{"name": r.name, "strength": r.strength, "sha256": meta.lora_hashes.get(r.name)} for r in meta.job.loras]
+    record = {"image": path.name, "job_id": job_id, "request": request_record(meta.job), "seed": meta.seed,
+              "loras": loras, "width": meta.width, "height": meta.height, "sampler": meta.sampler, "model": meta.model,
+              "parameters": parameters_text(meta), "created": when.isoformat(), **meta.extra}
+    return (json.dumps(record, indent=2) + "\n").encode()
+
+
 def save_image(image: Image.Image, meta: ImageMeta, out_dir: Path, job_id: str,
                when: datetime | None = None, sidecar: bool = True) -> Path:
-    """Write one PNG (and its sidecar ``.json``) atomically; returns the PNG's path."""
+    """Write one PNG (then its sidecar ``.json``) atomically; returns the PNG's path."""
     when = when or datetime.now(timezone.utc)
     path = image_path(out_dir, job_id, meta.seed, when)
-    parameters = parameters_text(meta)
-    if sidecar:  # sidecar first: a PNG on disk always has its sidecar
-        loras = [{"name": r.name, "strength": r.strength, "sha256": meta.lora_hashes.get(r.name)} for r in meta.job.loras]
-        record = {"image": path.name, "job_id": job_id, "request": meta.job.to_dict(), "seed": meta.seed, "loras": loras,
-                  "width": meta.width, "height": meta.height, "sampler": meta.sampler, "model": meta.model,
-                  "parameters": parameters, "created": when.isoformat(), **meta.extra}
-        atomic_write(path.with_suffix(".json"), (json.dumps(record, indent=2) + "\n").encode())
-    atomic_write(path, png_bytes(image, parameters))
+    _write_set([(path, png_bytes(image, parameters_text(meta)), sidecar_bytes(meta, path, job_id, when) if sidecar
+                 else None)])
     return path
 
 
+def set_files(paths: list[Path], sidecar: bool) -> list[Path]:
+    """Every file of an image set: the PNGs, then their sidecars (the order they are written in)."""
+    return paths + ([p.with_suffix(".json") for p in paths] if sidecar else [])
+
+
+def _write_set(items: list[tuple[Path, bytes, bytes | None]]) -> None:
+    """PNGs first, sidecars last, so a complete set of sidecars means every PNG is there; on any
+    failure nothing of the set is left (a partial set would pass for a finished job's output, and a
+    sidecar without its PNG for a lost image)."""
+    written: list[Path] = []
+    try:
+        for path, png, _ in items:
+            written.append(path)
+            atomic_write(path, png)
+        for path, _, sidecar in items:
+            if sidecar is not None:
+                written.append(path.with_suffix(".json"))
+                atomic_write(path.with_suffix(".json"), sidecar)
+    except BaseException:
+        for f in written:
+            with contextlib.suppress(OSError):
+                f.unlink(missing_ok=True)
+        raise
+
+
 def save_result(result: Result, out_dir: Path, job_id: str, *, model: str, provider: str, precision: str,
-                sidecar: bool = True, when: datetime | None = None) -> list[Path]:
-    """Write every image of a pipeline result; returns their paths in image order."""
+                sidecar: bool = True, when: datetime | None = None,
+                extra: dict[str, Any] | None = None) -> list[Path]:
+    """Write every image of a pipeline result; returns their paths in image order.
+
+    ``extra``: more sidecar fields (the daemon's ``submitted_by``)."""
     when = when or datetime.now(timezone.utc)
     extra = {"scheduler": result.scheduler, "timings": result.timings, "tokens_dropped": result.tokens_dropped,
-             "precision": precision, "provider": provider, "version": __version__}
-    paths = [image_path(out_dir, job_id, img.seed, when) for img in result.images]
-    try:
-        for img in result.images:
-            meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
-                             sampler=result.sampler, model=model, extra=extra, lora_hashes=result.lora_hashes)
-            save_image(img.image, meta, out_dir, job_id, when=when, sidecar=sidecar)
-    except OutputError:
-        # a partial set would pass for a finished job's output (a replay checks for the files)
-        for p in paths:
-            for f in (p, p.with_suffix(".json")):
-                with contextlib.suppress(OSError):
-                    f.unlink(missing_ok=True)
-        raise
-    return paths
+             "precision": precision, "provider": provider, "version": __version__, **(extra or {})}
+    if result.warnings:
+        extra["warnings"] = result.warnings
+    items = []
+    for img in result.images:
+        meta = ImageMeta(job=result.job, seed=img.seed, width=result.width, height=result.height,
+                         sampler=result.sampler, model=model, extra=extra, settings=result.parameters,
+                         lora_hashes=result.lora_hashes)
+        path = image_path(out_dir, job_id, img.seed, when)
+        # encoded up front: a prompt PNG or JSON cannot hold fails here, before any file is written
+        items.append((path, png_bytes(img.image, parameters_text(meta)),
+                      sidecar_bytes(meta, path, job_id, when) if sidecar else None))
+    _write_set(items)
+    return [path for path, _, _ in items]

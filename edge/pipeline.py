@@ -1,8 +1,9 @@
 """Text to image: CLIP tokenizer -> text encoder -> UNet denoising loop -> VAE decoder.
 
-The whole denoising loop is :meth:`Pipeline._denoise`. Tensor names, dtypes and static
-shapes come from the ONNX sessions (:class:`OnnxModel`), so exports that use int32 ids,
-int64 timesteps or float16 weights run unchanged.
+Edit jobs (image to image, inpainting, instruction editing; :mod:`edge.editing`) add the VAE
+encoder before the loop and start it elsewhere. The whole denoising loop is
+:meth:`Pipeline._denoise`. Tensor names, dtypes and static shapes come from the ONNX sessions
+(:class:`OnnxModel`), so exports that use int32 ids, int64 timesteps or float16 weights run unchanged.
 
 Initial noise: ``numpy.random.Generator(PCG64(seed)).standard_normal(shape)`` in float64, then
 cast to float32. PCG64 and numpy's ziggurat are specified bit for bit, and drawing in float64
@@ -23,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from . import schedulers
+from . import editing, schedulers
 from .bundle import COMPONENTS, Bundle
 from .errors import BundleError, CancelledError, ValidationError
 from .config import LoraConfig
@@ -59,6 +60,7 @@ class Result:
     timings: dict[str, float | list[float]] = field(default_factory=dict)
     lora_hashes: dict[str, str] = field(default_factory=dict)  # name -> sha256 of the file used
     warnings: list[str] = field(default_factory=list)  # for the user: e.g. a prompt the model cannot read
+    parameters: dict[str, str] = field(default_factory=dict)  # edit settings for the PNG, A1111's names
 
 
 @dataclass(frozen=True)
@@ -161,11 +163,17 @@ class Pipeline:
             OnnxModel(name, bundle.components[name].variants[self.plan.precisions[name]], runtime,
                       resident=not self.plan.lowmem)
             for name in COMPONENTS)
+        encoder = bundle.vae_encoder
+        precision = self.plan.precisions.get("vae_encoder", "fp32")
+        self.vae_encoder = encoder and OnnxModel(
+            "vae_encoder", encoder.variants.get(precision, encoder.path), runtime, resident=not self.plan.lowmem)
         self.load_seconds = time.perf_counter() - t0
         self._ids_name = self.text_encoder.input(0).name
         self._sample, self._timestep, self._context = (self.unet.input(i).name for i in range(3))
         self._latent_name = self.vae_decoder.input(0).name
-        self.latent_channels = self.unet.shape(self._sample)[1] or 4
+        self.latent_channels = self.vae_decoder.shape(self._latent_name)[1] or 4
+        self.model_kind = editing.model_kind(self.unet.shape(self._sample)[1] or self.latent_channels,
+                                             self.latent_channels)
         self.lora = LoraRuntime(self, LoraLibrary.configured(lora, bundle), lora.cache_sessions)
         log.info("loaded %s in %.2f s on %s, tier %s (%s)", bundle.root, self.load_seconds, self.provider,
                  self.plan.tier, ", ".join(f"{c} {p}" for c, p in self.plan.precisions.items()))
@@ -200,7 +208,8 @@ class Pipeline:
 
     def check(self, job: Job) -> None:
         """What only this model and its scheduler can refuse, checked before a job is accepted:
-        the size against the export's static shape, the scheduler's name and its step limits."""
+        the size against the export's static shape, the scheduler's name and its step limits, the
+        edit fields against the model (:meth:`edit_kind`)."""
         _, _, h, w = self.unet.shape(self._sample)
         scale = self.bundle.vae_scale
         for field_name, value, static in zip(("width", "height"), self.size(job), (w, h)):
@@ -211,6 +220,12 @@ class Pipeline:
                 raise ValidationError(field_name, f"must be a multiple of {scale}, got {value}")
         schedulers.from_config(self.bundle.scheduler_config, job.scheduler).set_timesteps(job.steps)
         self.lora.check(job.loras)
+        self.edit_kind(job)
+
+    def edit_kind(self, job: Job) -> str:
+        """The edit a job asks of this model (:func:`edge.editing.job_kind`); a ValidationError
+        names the field this model cannot take (a mask for InstructPix2Pix, no vae_encoder/, ...)."""
+        return editing.job_kind(job, self.model_kind, self.vae_encoder is not None)
 
     # --- stages ------------------------------------------------------------------------------
     def encode(self, ids: list[int]) -> np.ndarray:
@@ -220,34 +235,38 @@ class Pipeline:
         rank = len(self.unet.shape(self._timestep))
         return np.full((batch,) * rank, t)  # rank 0: a scalar; rank 1: one per batch item
 
-    def _predict_noise(self, x: np.ndarray, t: float, cond: np.ndarray, uncond: np.ndarray | None,
-                       guidance: float) -> np.ndarray:
+    def encode_image(self, pixels: np.ndarray) -> editing.Moments:
+        """VAE encoder: (1, 3, H, W) pixels in [-1, 1] -> the latent posterior (call inside ``loaded()``)."""
+        output = self.vae_encoder(**{self.vae_encoder.input(0).name: pixels})
+        return editing.Moments.from_output(output, self.latent_channels)
+
+    def _predict_noise(self, x: np.ndarray, t: float, guide: editing.Guide) -> np.ndarray:
         def unet(sample: np.ndarray, context: np.ndarray) -> np.ndarray:
             return self.unet(**{self._sample: sample, self._context: context,
                                 self._timestep: self._timestep_array(t, len(sample))})
 
-        if uncond is None:
-            return unet(x, cond)
-        if self.runtime.cfg_batch and self.unet.shape(self._sample)[0] in (None, 2):
-            eps_uncond, eps_cond = unet(np.concatenate([x, x]), np.concatenate([uncond, cond]))
+        samples = [x if extra is None else np.concatenate([x, extra], axis=1) for extra in guide.extras]
+        if len(samples) > 1 and self.runtime.cfg_batch and self.unet.shape(self._sample)[0] in (None, len(samples)):
+            eps = list(unet(np.concatenate(samples), np.concatenate(guide.contexts)))
         else:
-            eps_uncond, eps_cond = unet(x, uncond)[0], unet(x, cond)[0]
-        # Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w * (eps_c - eps_u)
-        return (eps_uncond + guidance * (eps_cond - eps_uncond))[None]
+            eps = [unet(sample, context)[0] for sample, context in zip(samples, guide.contexts)]
+        return guide.combine(eps)[None]
 
-    def _denoise(self, latents: np.ndarray, cond: np.ndarray, uncond: np.ndarray | None, job: Job,
-                 scheduler, rng: np.random.Generator, report: Callable[[int, float, np.ndarray], None],
-                 cancel: threading.Event | None) -> np.ndarray:
-        latents = latents * scheduler.init_noise_sigma
-        for i, t in enumerate(scheduler.timesteps):
+    def _denoise(self, start: editing.Start, job: Job, scheduler, rng: np.random.Generator,
+                 report: Callable[[int, float, np.ndarray], None], cancel: threading.Event | None) -> np.ndarray:
+        latents, steps = start.latents, len(scheduler.timesteps) - start.index
+        for i in range(start.index, len(scheduler.timesteps)):
+            done = i - start.index
             if cancel is not None and cancel.is_set():
-                raise CancelledError(f"job {job.id} cancelled before step {i + 1} of {job.steps}")
+                raise CancelledError(f"job {job.id} cancelled before step {done + 1} of {steps}")
             t0 = time.perf_counter()
             x = scheduler.scale_model_input(latents, i)
-            eps = self._predict_noise(x, float(t), cond, uncond, job.guidance)
+            eps = self._predict_noise(x, float(scheduler.timesteps[i]), start.guide)
             step_noise = gaussian(rng, latents.shape) if scheduler.needs_noise else None
             latents = scheduler.step(eps, i, latents, step_noise)
-            report(i + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
+            if start.after_step is not None:  # inpainting with an ordinary UNet: the known region back
+                latents = start.after_step(latents, i)
+            report(done + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
         return latents
 
     def decode(self, latents: np.ndarray) -> Image.Image:
@@ -271,13 +290,15 @@ class Pipeline:
         if job.seed < 0:
             raise ValidationError("seed", "must be resolved before generation (see jobs.admit)")
         width, height = self.size(job)
+        edit = editing.Edit.load(job, self.edit_kind(job), width, height)
         if self.headroom is not None:
             ensure_room_for_job(self.plan, self.headroom)
         self.lora.activate(job.loras)
         scheduler = schedulers.from_config(self.bundle.scheduler_config, job.scheduler)
         timings: dict[str, float | list[float]] = {"steps": []}
         t0 = time.perf_counter()
-        use_cfg = job.guidance > 1.0  # as diffusers: no unconditional pass at guidance <= 1
+        # As diffusers: no unconditional pass at guidance <= 1 (InstructPix2Pix: or image guidance < 1).
+        use_cfg = job.guidance > 1.0 and (edit.kind != "instruct" or edit.image_guidance >= 1.0)
         prompt = self.tokenizer.encode(job.prompt)
         negative = self.tokenizer.encode(job.negative_prompt) if use_cfg else None
         t1 = time.perf_counter()
@@ -290,12 +311,18 @@ class Pipeline:
             log.warning("prompt too long: %d prompt and %d negative prompt tokens dropped (limit %d)",
                         dropped, neg_dropped, self.tokenizer.max_length)
         shape = (1, self.latent_channels, height // self.bundle.vae_scale, width // self.bundle.vae_scale)
+        pixels = edit.to_encode()
+        if pixels:
+            t_encode = time.perf_counter()
+            with self.vae_encoder.loaded():
+                edit.moments = {name: self.encode_image(p) for name, p in pixels.items()}
+            timings["vae_encode"] = time.perf_counter() - t_encode
 
         def reporter(k: int) -> Callable[[int, float, np.ndarray], None]:
             def report(step: int, seconds: float, latents: np.ndarray) -> None:
                 timings["steps"].append(seconds)
                 if on_step is not None:
-                    on_step(Step(k, job.count, step, len(scheduler.timesteps), seconds, latents))
+                    on_step(Step(k, job.count, step, steps, seconds, latents))
             return report
 
         finals = []
@@ -303,24 +330,30 @@ class Pipeline:
             for k in range(job.count):
                 rng = make_rng(job.seed + k)
                 scheduler.set_timesteps(job.steps)
-                finals.append(self._denoise(gaussian(rng, shape), cond, uncond, job, scheduler, rng,
-                                            reporter(k), cancel))
+                start = edit.start(scheduler, lambda shape: gaussian(rng, shape), shape, cond, uncond,
+                                   self.bundle.encoder_scaling_factor, self.bundle.vae_shift_factor)
+                steps = len(scheduler.timesteps) - start.index
+                finals.append(self._denoise(start, job, scheduler, rng, reporter(k), cancel))
         t2 = time.perf_counter()
         with self.vae_decoder.loaded():
-            images = [GeneratedImage(job.seed + k, self.decode(latents)) for k, latents in enumerate(finals)]
+            images = [GeneratedImage(job.seed + k, edit.finish(self.decode(latents)))
+                      for k, latents in enumerate(finals)]
         timings["decode"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
         return Result(job=job, images=images, width=width, height=height, scheduler=scheduler.name,
                       sampler=schedulers.sampler_label(scheduler),
                       tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
                       lora_hashes=self.lora.hashes(job.loras),
-                      warnings=[w for w in (prompt_warning(self.tokenizer, job.prompt, self.bundle.name),) if w])
+                      warnings=[w for w in (prompt_warning(self.tokenizer, job.prompt, self.bundle.name),) if w]
+                      + edit.notes, parameters=edit.parameters())
 
 
 @contextmanager
 def record_inputs(pipe: Pipeline) -> Iterator[dict[str, list[dict[str, np.ndarray]]]]:
     """The inputs each component is called with while the block generates (calibration, profiling)."""
     models = {name: getattr(pipe, name) for name in COMPONENTS}
+    if pipe.vae_encoder is not None:
+        models["vae_encoder"] = pipe.vae_encoder
     for model in models.values():
         model.record = []
     try:

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from .bundle import COMPONENTS, Bundle
+from .images import png_base64
 from .jobs import parse_job
 from .memory import fixed_plan, lean_malloc, tier_plan
 from .onnx_files import model_bytes
@@ -45,12 +47,18 @@ class Fidelity:
 
     def __init__(self, bundle: Bundle, steps: int = 8):
         self.bundle, self.steps = bundle, steps
+        self.edit_input: str | None = None  # with a VAE encoder: the FP32 first image, edited by img2img
         self.reference = self._images({})
+        if bundle.vae_encoder is not None:
+            self.edit_input = png_base64(Image.fromarray(self.reference[0]))
+            self.reference = self._images({})
 
     def _images(self, precisions: dict[str, str]) -> list[np.ndarray]:
         pipe = Pipeline(self.bundle, RuntimeOptions(), fixed_plan(precisions, "fidelity check"))
-        return [np.asarray(pipe.generate(parse_job({"prompt": p, "seed": s, "steps": self.steps})).images[0].image)
-                for p, s in FIDELITY_JOBS]
+        jobs = [{"prompt": p, "seed": s, "steps": self.steps} for p, s in FIDELITY_JOBS]
+        if self.edit_input is not None:
+            jobs.append({**jobs[0], "init_image": self.edit_input, "strength": 0.5})
+        return [np.asarray(pipe.generate(parse_job(job)).images[0].image) for job in jobs]
 
     def score(self, precisions: dict[str, str]) -> dict[str, Any]:
         images = self._images(precisions)
@@ -118,18 +126,22 @@ def measure_lowmem(path: Path, runtime: RuntimeOptions, feeds: dict[str, np.ndar
 def sample_feeds(bundle: Bundle, runtime: RuntimeOptions) -> dict[str, dict[str, np.ndarray]]:
     """One real input per component, captured from a short FP32 generation at the native size."""
     pipe = Pipeline(bundle, runtime, fixed_plan(reason="profile"))
+    job = {"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}
     with record_inputs(pipe) as recorded:
-        pipe.generate(parse_job({"prompt": FIDELITY_JOBS[0][0], "seed": 0, "steps": 1, "guidance": 7.5}))
+        image = pipe.generate(parse_job(job)).images[0].image
+        if pipe.vae_encoder is not None:  # the encoder's input: that image, as an img2img job gives it
+            pipe.generate(parse_job({**job, "steps": 2, "init_image": png_base64(image), "strength": 0.5}))
     return {name: feeds[-1] for name, feeds in recorded.items()}
 
 
-def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3) -> dict:
-    """Measure every variant on this machine and record it in variants.json."""
+def profile_bundle(bundle: Bundle, runtime: RuntimeOptions = RuntimeOptions(), calls: int = 3,
+                   components: tuple[str, ...] | None = None) -> dict:
+    """Measure every variant of ``components`` (None: all) on this machine and record it in variants.json."""
     feeds = sample_feeds(bundle, runtime)
     check = Fidelity(bundle)
     results: dict[str, dict[str, dict]] = {}
     lowmem = tier_plan(bundle, {}, "int8-lowmem").precisions
-    for comp in COMPONENTS:
+    for comp in components or tuple(bundle.components):
         results[comp] = {}
         for precision, path in bundle.components[comp].variants.items():
             entry = {"bytes": model_bytes(path),

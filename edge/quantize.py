@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import COMPONENTS, VARIANT_FILES, Bundle, load_bundle
+from .bundle import VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
+from .images import png_base64
 from .memory import fixed_plan, trim_heap
 from .onnx_files import model_bytes
 from .pipeline import Pipeline, record_inputs
@@ -74,7 +75,10 @@ def capture(bundle: Bundle, steps: int, max_feeds: int, prompts: int) -> Calibra
     pipe = Pipeline(bundle, RuntimeOptions(), fixed_plan(reason="quantize"))
     with record_inputs(pipe) as recorded:
         for seed, prompt in enumerate(CALIBRATION_PROMPTS[:prompts]):
-            pipe.generate(parse_job({"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}))
+            job = {"prompt": prompt, "steps": steps, "seed": seed, "guidance": 7.5}
+            image = pipe.generate(parse_job(job)).images[0].image
+            if pipe.vae_encoder is not None:  # the encoder sees what the model draws, through an img2img job
+                pipe.generate(parse_job({**job, "init_image": png_base64(image), "strength": 0.5}))
     feeds = {}
     for name, inputs in recorded.items():
         keep = np.linspace(0, len(inputs) - 1, min(max_feeds, len(inputs))).round().astype(int)
@@ -253,11 +257,12 @@ def _remove_variant(folder: Path, precision: str) -> None:
 
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
                     prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8,
-                    components: tuple[str, ...] = COMPONENTS, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
-    """Write the ``precisions`` variants of ``components`` and their manifest entries; returns the
-    manifest. Entries of other components and variants are left as they were."""
+                    components: tuple[str, ...] | None = None, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
+    """Write the ``precisions`` variants of ``components`` (None: all the bundle has) and their
+    manifest entries; returns the manifest. Entries of other components and variants are left as they were."""
     _onnx()  # missing: stop now with the install hint, not after the calibration runs
     bundle = load_bundle(root)
+    components = tuple(bundle.components) if components is None else components
     calibration = capture(bundle, steps, max_feeds, prompts)
     trim_heap()  # the FP32 pipeline is gone: give its memory back before the calibration child starts
     notes: dict[str, dict[str, dict]] = {}

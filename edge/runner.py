@@ -21,6 +21,7 @@ class Runner(Protocol):
     preview: LatentPreview | None  # latents -> a cheap RGB image, for per-step previews
     size: tuple[int, int]  # the model's native width and height
     fixed_size: bool  # True: no other size is allowed
+    model_kind: str  # "plain", "inpainting" or "instruct" (edge.editing.model_kind)
 
     def check(self, job: Job) -> None: ...  # raise ValidationError for what only the model knows
 
@@ -37,6 +38,7 @@ class PipelineRunner:
         self.provider = pipeline.provider
         self.size = pipeline.default_size()
         self.fixed_size = pipeline.fixed_size
+        self.model_kind = pipeline.model_kind
         # the bundle's own vae_decoder/: previews map the UNet's latents, whichever decoder model.decoder picks
         self.preview = load_preview(pipeline.bundle.root / "vae_decoder", pipeline.latent_channels)
 

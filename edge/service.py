@@ -3,10 +3,11 @@
 How a job flows:
 
 1. A front end (one module per transport in :mod:`edge.comms`) hands the raw request to
-   :meth:`Service.submit_payload`. It is decoded and validated by :func:`edge.jobs.parse_job` (the
-   one validator), checked by the runner for what only the model knows (:meth:`Runner.check`), given
-   an id and a seed, checked against the content policy, and committed to the
-   :class:`~edge.journal.Journal`. Only then does the front end acknowledge it.
+   :meth:`Service.submit_payload` (or ``submit_payload_later``, a future; :mod:`edge.intake`). It is
+   decoded and validated by :func:`edge.jobs.parse_job` (the one validator), checked by the runner
+   for what only the model knows (:meth:`Runner.check`), given an id and a seed, checked against the
+   content policy, and group-committed to the :class:`~edge.journal.Journal`. Only then does the
+   front end acknowledge it.
 2. One worker thread claims jobs in priority then arrival order and runs them on the resident
    pipeline; the front ends keep answering meanwhile (ONNX Runtime releases the GIL).
 3. Images are written under names fixed by the job (id, seed and the time of its *first* start,
@@ -22,7 +23,6 @@ import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -30,38 +30,22 @@ from typing import Any, Callable
 from . import __version__, disk
 from .config import Config
 from .errors import CancelledError, EdgeError, ValidationError
-from .jobs import (JobEvent, JobRecord, Step, admit, cancel_body, decode_payload, error_body, history_entry,
-                   parse_job, progress_body, state_body, valid_id)
-from .journal import BusyError, Journal
+from .intake import Answer, Intake  # noqa: F401 (Answer: front ends type against edge.service.Answer)
+from .jobs import JobEvent, JobRecord, Step, cancel_body, error_body, history_entry, progress_body, state_body, valid_id
+from .inputs import references
+from .journal import Journal
 from .notify import Notifier
-from .output import image_path, save_result
-from .policy import ContentPolicy
+from .output import image_path, save_result, set_files
 from .runner import Runner
+from .supervise import Supervisor
 
 log = logging.getLogger(__name__)
 
 IDLE_POLL = 5.0  # seconds an idle worker sleeps between heartbeats (a submit wakes it at once)
-POLICY_ERROR = "rejected: policy"
 MAX_HISTORY_PAGE = 500
 
 
 # --- what the front ends see --------------------------------------------------------------------
-@dataclass(frozen=True)
-class Answer:
-    """The reply to one submission. ``accepted``: the job is in the journal (new or a duplicate)."""
-
-    body: dict[str, Any]
-    record: JobRecord | None = None
-    created: bool = False
-    accepted: bool = False
-    stopping: bool = False  # refused because the daemon is shutting down: do not acknowledge
-    busy: bool = False  # refused because the queue is full: the client may try again later
-
-    @property
-    def job_id(self) -> str | None:
-        return self.body.get("id")
-
-
 class EventBus:
     """Job events to every subscriber, in order, on the thread that publishes them."""
 
@@ -79,75 +63,42 @@ class EventBus:
                 log.exception("job event subscriber %r failed on %s", subscriber, event.kind)
 
 
-class Service:
-    """Intake, journal, worker and events; front ends and the systemd glue sit around it."""
+class Service(Intake):
+    """Intake (:class:`edge.intake.Intake`), journal, worker and events; front ends and the systemd
+    glue sit around it. ``supervisor`` runs the front ends' threads."""
 
     def __init__(self, config: Config, runner: Runner, journal: Journal, out_dir: Path,
                  notifier: Notifier | None = None, device_id: str | None = None):
-        self.config = config
-        self.runner = runner
-        self.journal = journal
+        super().__init__(config, runner, journal)
         self.out_dir = Path(out_dir)
         self.notifier = notifier or Notifier()
         self.device_id = device_id or default_device_id(config)
-        self.policy = ContentPolicy(config.policy.blocked_words, config.policy.blocked_patterns)
-        self.accepting = True
+        self.supervisor = Supervisor()
         self.events = EventBus()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cancel = threading.Event()
         self._current: JobRecord | None = None
         self._current_step: Step | None = None
+        self._last_job: dict[str, Any] | None = None  # the last job that ended since the start: id, state, seconds
         self._heartbeat = time.monotonic()
         self._worker: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._last_journal_prune = 0.0
 
+    def _queued(self, record: JobRecord, position: int | None) -> None:
+        self._wake.set()
+        self._emit("queued", record, position=position)
+
     def _emit(self, kind: str, record: JobRecord, step: Step | None = None, position: int | None = None) -> None:
         self.events.publish(JobEvent(kind, record, step, position))
 
-    # --- intake (called from front-end threads) -----------------------------------------------
-    def submit_payload(self, payload: bytes | str, source: str, reply: dict[str, Any] | None = None,
-                       dedup_key: str | None = None, redelivery: bool = False) -> Answer:
-        """Decode, validate, police and journal one raw request. Never raises for bad input."""
-        try:
-            data = decode_payload(payload, self.config.limits)
-        except ValidationError as exc:
-            return Answer(error_body(str(exc), None, exc.field))
-        return self.submit_data(data, source, reply, dedup_key, redelivery)
-
-    def submit_data(self, data: dict[str, Any], source: str, reply: dict[str, Any] | None = None,
-                    dedup_key: str | None = None, redelivery: bool = False) -> Answer:
-        job_id = valid_id(data.get("id"))  # only to address the reply; parse_job decides
-        if not self.accepting:
-            return Answer(error_body("stopping: the daemon is shutting down; try again later", job_id),
-                          stopping=True)
-        try:
-            job = parse_job(data, self.config.limits, self.config.defaults)
-            self.runner.check(job)  # every check a job can fail, before it is accepted
-        except ValidationError as exc:
-            return Answer(error_body(str(exc), job_id, exc.field))
-        job = admit(job)  # id and seed fixed before the commit, so that a replay draws the very same image
-        verdict = self.policy.check(job.prompt)
-        try:
-            if not verdict.allowed:
-                record, created = self.journal.submit(job, source, reply, dedup_key, redelivery,
-                                                      state="rejected", error=POLICY_ERROR)
-                if created:
-                    log.warning("job %s from %s rejected by the content policy (%s)", job.id, source, verdict.rule)
-                return Answer(state_body(record), record, created, accepted=True)
-            record, created = self.journal.submit(job, source, reply, dedup_key, redelivery)
-        except BusyError as exc:
-            return Answer(error_body(str(exc), job.id), busy=True)
-        position = self.journal.position(record.id)
-        if created:
-            log.info("job %s queued from %s (priority %d)", record.id, source, job.priority)
-            self._wake.set()
-            self._emit("queued", record, position=position)
-        return Answer(state_body(record, position), record, created, accepted=True)
+    def record(self, job_id: Any) -> JobRecord | None:
+        """The journal's record of a job, for a front end that builds its own result message."""
+        return self.journal.get(job_id) if valid_id(job_id) else None
 
     def get(self, job_id: Any) -> dict[str, Any]:
-        record = self.journal.get(job_id) if valid_id(job_id) else None
+        record = self.record(job_id)
         if record is None:
             return error_body(f"id: no job {job_id!r} in the journal", valid_id(job_id), "id")
         body = state_body(record, self.journal.position(record.id))
@@ -201,6 +152,8 @@ class Service:
             "provider": self.runner.provider,
             "device": self.device_id,
             "version": __version__,
+            "last_job": self._last_job,
+            "degraded": self.supervisor.degraded,  # front-end threads that died and are not back yet
         }
 
     # --- the worker ---------------------------------------------------------------------------
@@ -277,6 +230,8 @@ class Service:
             self._current, self._current_step = None, None
             self._heartbeat = time.monotonic()
         if final is not None:
+            self._last_job = {"id": final.id, "state": final.state,
+                              "seconds": round((final.finished or 0.0) - (final.started or 0.0), 3)}
             self._emit("finished", final)
         self._update_status()
 
@@ -284,7 +239,7 @@ class Service:
         job = record.job
         when = datetime.fromisoformat(record.run_at or "")
         expected = [image_path(self.out_dir, record.id, job.seed + k, when) for k in range(job.count)]
-        if record.attempts > 1 and all(p.is_file() for p in expected):
+        if record.attempts > 1 and all(p.is_file() for p in set_files(expected, self.config.output.sidecar)):
             # the images were written before a crash, the commit was not: record them, do not redo
             log.info("job %s: its %d image(s) are already on disk; not generating them again", record.id, job.count)
             return self._result(record, expected, {"replayed": True})
@@ -297,10 +252,11 @@ class Service:
             self._current_step = step
             self._emit("progress", record, step)
 
-        result = self.runner.generate(job, on_step, self._cancel)
+        result = self.runner.generate(self.inputs.resolve(job), on_step, self._cancel)
         t0 = time.perf_counter()
         paths = save_result(result, self.out_dir, record.id, model=self.runner.model, provider=self.runner.provider,
-                            precision=self.runner.precision, sidecar=output.sidecar, when=when)
+                            precision=self.runner.precision, sidecar=output.sidecar, when=when,
+                            extra={"submitted_by": record.peer} if record.peer else None)
         steps = result.timings.get("steps") or []
         timings = {"generate": round(float(result.timings.get("total", 0.0)), 4),
                    "step_mean": round(sum(steps) / len(steps), 4) if steps else None,
@@ -330,6 +286,9 @@ class Service:
             removed = self.journal.prune(now - self.config.daemon.keep_days * 86400)
             if removed:
                 log.info("forgot %d finished jobs older than %g days", removed, self.config.daemon.keep_days)
+            named = set().union(*(references(job) for job in self.journal.all_jobs()))
+            if gone := self.inputs.prune(named):
+                log.info("removed %d input image(s) of forgotten jobs", gone)
 
     # --- systemd --------------------------------------------------------------------------------
     def _update_status(self) -> None:
@@ -343,7 +302,8 @@ class Service:
         self.notifier.status(text)
 
     def _watchdog_loop(self) -> None:
-        """WATCHDOG=1 every WATCHDOG_USEC/2, but only while the worker's heartbeat is fresh.
+        """WATCHDOG=1 every WATCHDOG_USEC/2, but only while the worker's heartbeat is fresh and no
+        front-end thread was given up by the supervisor.
 
         The pings come from their own thread (a single long ONNX call must not starve them), but
         are driven by the worker: a worker stuck for ``daemon.stall_timeout`` stops them, and
@@ -354,12 +314,16 @@ class Service:
         warned = False
         while not self._stopping.wait(interval):
             age = time.monotonic() - self._heartbeat
-            if age < stall:
+            if age < stall and self.supervisor.healthy():
                 self.notifier.watchdog()
                 warned = False
             elif not warned:
-                log.error("the worker has shown no progress for %.0f s (daemon.stall_timeout %g s); "
-                          "no more watchdog pings", age, stall)
+                if age >= stall:
+                    log.error("the worker has shown no progress for %.0f s (daemon.stall_timeout %g s); "
+                              "no more watchdog pings", age, stall)
+                else:
+                    log.error("front-end thread(s) %s cannot come back; no more watchdog pings",
+                              ", ".join(self.supervisor.degraded))
                 warned = True
 
 

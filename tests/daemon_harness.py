@@ -43,6 +43,7 @@ MODEL_REFUSALS = [
     ({"id": "m1", "prompt": "a gear", "scheduler": "lcm", "steps": 60}, "steps", "between 1 and 50"),
     ({"id": "m2", "prompt": "a gear", "width": 256, "height": 256}, "width", "fixed size of 128x128"),
     ({"id": "m3", "prompt": "a gear", "scheduler": "pndm"}, "scheduler", "'pndm' is not supported"),
+    ({"id": "m4", "prompt": "a gear", "image_guidance": 1.5}, "image_guidance", "this model does not take it"),
 ]
 
 
@@ -74,7 +75,7 @@ def short_dir() -> Path:
 class Broker:
     """``mosquitto -c <conf>`` on a free loopback port, persistence on (autosave on every change)."""
 
-    def __init__(self, folder: Path, persistence: bool = True):
+    def __init__(self, folder: Path, persistence: bool = True, extra: tuple[str, ...] = ()):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -83,9 +84,11 @@ class Broker:
                  f"log_dest file {folder / 'mosquitto.log'}", "log_type error", "log_type warning",
                  "log_type notice", "log_type information", "max_queued_messages 100000",
                  f"user {getpass.getuser()}"]  # when run as root, do not drop to user mosquitto
+        lines += list(extra)  # more mosquitto.conf lines (benchmarks: set_tcp_nodelay)
         if persistence:
             lines += ["persistence true", f"persistence_location {folder}/", "autosave_interval 1",
                       "autosave_on_changes true"]
+        lines += extra  # e.g. "max_packet_size 6000"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
@@ -207,12 +210,21 @@ def topic_is(topic: str) -> Callable[[mqtt.MQTTMessage], bool]:
     return lambda m: m.topic == topic
 
 
+def response_props(topic: str, correlation: bytes = b"c") -> Properties:
+    """MQTT 5 PUBLISH properties asking for the answers on ``topic`` with ``correlation``."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = topic
+    props.CorrelationData = correlation
+    return props
+
+
 # --- the daemon ---------------------------------------------------------------------------------------
 class Daemon:
     """``python -m edge.cli serve`` in a subprocess, with NOTIFY_SOCKET pointing at the test."""
 
     def __init__(self, folder: Path, name: str = "d1", broker: Broker | None = None,
-                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None):
+                 config: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 python: str = sys.executable):
         self.folder = folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -243,6 +255,7 @@ class Daemon:
         self.config_path = self.folder / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(base))
         self.extra_env = env or {}
+        self.python = python  # another interpreter runs another installation (benchmarks: before/after)
         self.proc: subprocess.Popen | None = None
         self.notes: list[str] = []
         self.notes_cond = threading.Condition()
@@ -292,7 +305,7 @@ class Daemon:
         with self.notes_cond:
             self.notes = []
         env = {**os.environ, "NOTIFY_SOCKET": self._open_notify(), **self.extra_env}
-        argv = [sys.executable, "-m", "edge.cli", "serve", "--config", str(self.config_path)]
+        argv = [self.python, "-m", "edge.cli", "serve", "--config", str(self.config_path)]
         subscribed = self.log().count("subscribed to the job topics")
         log = open(self.log_path, "ab")
         # cwd "/": `-m edge.cli` imports the installed package (./test.sh), not the source tree

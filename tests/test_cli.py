@@ -72,7 +72,7 @@ def test_doctor_reports_runtime_and_model():
     info = json.loads(proc.stdout)
     assert "CPUExecutionProvider" in info["providers_in_build"]
     assert info["model"]["name"] == "knolling-tiny" and info["physical_cores"] >= 1
-    assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder"}
+    assert set(info["model"]["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
 
 
 class FakeTerminal(io.StringIO):
@@ -89,6 +89,35 @@ def test_progress_bar_on_terminal_and_plain_lines_elsewhere():
     assert tty.getvalue().startswith("\r[" + "#" * 15 + "." * 15 + "] image 1/1 step 1/2")
     assert tty.getvalue().endswith("step 2/2 (0.50 s/step)\n") and tty.getvalue().count("\n") == 1
     assert plain.getvalue().splitlines() == ["image 1/1 step 1/2 (0.50 s/step)", "image 1/1 step 2/2 (0.50 s/step)"]
+
+
+TINY_SD = Path(__file__).parent / "fixtures" / "tiny-sd"
+
+
+def test_generate_inpaints_from_files_and_records_the_edit(tmp_path):
+    import hashlib
+    from PIL import ImageDraw
+    init, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(init)
+    m = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(m).rectangle((32, 32, 95, 95), fill=255)
+    m.save(mask)
+    proc = cli("generate", "a red gear", "--model", str(TINY_SD.resolve()), "--init-image", str(init),
+               "--mask", str(mask), "--strength", "0.6", "--steps", "5", "--seed", "3", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "seed 3, 3 steps" in proc.stderr  # int(5 * 0.6) steps of the schedule ran
+    path = Path(proc.stdout.strip())
+    params = parse_parameters(Image.open(path).info["parameters"])
+    assert params["Denoising strength"] == "0.6" and params["Mask blur"] == "4"
+    request = json.loads(path.with_suffix(".json").read_text())["request"]
+    assert request["init_image"] == "sha256:" + hashlib.sha256(init.read_bytes()).hexdigest()
+    assert request["mask"] == "sha256:" + hashlib.sha256(mask.read_bytes()).hexdigest()
+    assert request["strength"] == 0.6
+
+
+def test_unreadable_init_image_is_named(tmp_path):
+    proc = cli("generate", "x", "--init-image", str(tmp_path / "missing.png"))
+    assert proc.returncode == 2 and "error: init_image: " in proc.stderr and "cannot read the file" in proc.stderr
 
 
 def test_quantize_without_onnx_stops_at_once_with_the_install_hint(bundle_copy, monkeypatch, capsys):

@@ -1,28 +1,38 @@
 """The daemon's lifecycle against the real pipeline: crashes, stops, systemd's notify protocol, disk."""
 
+import base64
+import hashlib
+import io
 import json
 import os
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from daemon_harness import (broker, daemons, images_by_job, listeners, needs_mosquitto, short_dir,  # noqa: F401
                             topic_is, wait_until)
-from edge import disk
+from edge import disk, inputs
 from edge.config import load_config
 from edge.errors import OutputError
-from edge.jobs import parse_job
+from edge.jobs import admit, parse_job
 from edge.journal import Journal
 from edge.notify import Notifier
 from edge.output import image_path, save_result
 from edge.policy import ContentPolicy
 from edge.runner import PipelineRunner
 from edge.service import Service
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import scenes  # noqa: E402
 
 # real daemon subprocesses: the whole suite runs them, the fast lane (-m "not slow") does not
 pytestmark = pytest.mark.slow
@@ -74,7 +84,8 @@ def test_kill_9_mid_job_then_restart_every_accepted_job_has_exactly_one_image_se
     assert sorted(by_job) == sorted(ids)
     assert {k: len(v) for k, v in by_job.items()} == {k: 2 for k in ids}  # one set each, never two
     assert not list(d.out_dir.glob("*/.*.tmp"))  # no half-written file survives the restart
-    results = watch.wait_count(lambda m: m.topic.endswith("/result"), len(mqtt_ids), what="MQTT results")
+    # each MQTT job's result (published just after its commit, its images first: wait for those ids)
+    results = watch.wait_count(lambda m: m.topic.split("/")[-2] in mqtt_ids, len(mqtt_ids), what="MQTT results")
     assert {json.loads(m.payload)["id"] for m in results} >= set(mqtt_ids)
     assert all(json.loads(m.payload)["status"] == "ok" for m in results)
 
@@ -202,6 +213,66 @@ def test_replay_after_a_crash_between_writing_and_committing_keeps_one_image_set
     assert again.result["paths"] == done.result["paths"] and again.result["timings"]["replayed"] is True
     assert {p: os.stat(p).st_mtime_ns for p in again.result["paths"]} == first  # not regenerated
     assert len(list((tmp_path / "out").glob("*/*.png"))) == 2
+    service.journal.close()
+
+
+# --- edit jobs: their input images are as durable as the job ------------------------------------------
+def _scene_png(seed=4):
+    buf = io.BytesIO()
+    scenes.render((scenes.Group("red", "gear", 3),), "knolling", seed=seed).image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_kill_9_before_an_accepted_img2img_job_ran_then_restart_runs_it_with_its_input(daemons, pipeline):
+    png = _scene_png()
+    edit = {"id": "edit", "prompt": "knolling of 3 blue gears", "steps": 10, "seed": 9, "strength": 0.6,
+            "init_image": base64.b64encode(png).decode()}
+    d = daemons("e1").start()
+    submit(d, {"id": "blocker", "prompt": "a red gear", "steps": 150, "count": 8})
+    submit(d, edit)  # acknowledged: its input is on disk and the journal names it
+    wait_mid_job(d, "blocker")
+    d.kill()
+    digest = hashlib.sha256(png).hexdigest()
+    stored = d.state_dir / "inputs" / digest
+    assert stored.read_bytes() == png
+    db = sqlite3.connect(f"file:{d.state_dir / 'jobs.sqlite3'}?mode=ro", uri=True)
+    (journaled,) = db.execute("SELECT job FROM jobs WHERE id = 'edit'").fetchone()
+    db.close()
+    assert json.loads(journaled)["init_image"] == f"sha256:{digest}"  # a reference, not the bytes
+    assert d.jobs()["edit"]["state"] == "queued"  # accepted, never started
+
+    d.start()
+    wait_all_done(d, ["blocker", "edit"], timeout=600)
+    by_job = images_by_job(d.images())
+    assert len(by_job["edit"]) == 1 and len(by_job["blocker"]) == 8  # exactly one image set each
+    # It ran with its input: the image is the one this img2img job gives in-process.
+    expected = np.asarray(pipeline.generate(admit(parse_job(edit))).images[0].image).astype(float)
+    got = np.asarray(Image.open(by_job["edit"][0])).astype(float)
+    assert 10 * np.log10(255.0**2 / max(np.mean((got - expected) ** 2), 1e-12)) >= 40
+    sidecar = json.loads(by_job["edit"][0].with_suffix(".json").read_text())
+    assert sidecar["request"]["init_image"] == f"sha256:{digest}"
+
+
+def test_input_images_are_stored_before_the_commit_and_pruned_with_their_job(tmp_path, pipeline, monkeypatch):
+    service = make_service(tmp_path, pipeline)
+    png = _scene_png(5)
+    answer = service.submit_data({"id": "i1", "prompt": "a gear", "steps": 2, "strength": 0.5,
+                                  "init_image": base64.b64encode(png).decode()}, "socket")
+    assert answer.accepted
+    (ref,) = inputs.references(service.journal.get("i1").job)
+    assert service.inputs.get(ref) == png
+    service._run(service.journal.claim_next())
+    assert service.journal.get("i1").state == "done"
+    service._maintain()  # the job is still journaled: its input stays
+    assert service.inputs.get(ref) == png
+    monkeypatch.setattr(inputs, "GRACE_SECONDS", 0.0)
+    db = sqlite3.connect(service.journal.path)
+    db.execute("UPDATE jobs SET finished = 0 WHERE id = 'i1'")  # finished long ago
+    db.commit()
+    db.close()
+    service._last_journal_prune = 0.0
+    service._maintain()  # the journal forgets the job, and its input image goes with it
+    assert service.journal.get("i1") is None and not list(service.inputs.root.iterdir())
     service.journal.close()
 
 

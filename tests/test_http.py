@@ -8,6 +8,7 @@ import socket
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import webuiapi
 from openai import OpenAI
@@ -76,6 +77,25 @@ def test_a1111_txt2img_by_webuiapi_gives_pngs_whose_parameters_hold_the_seeds(da
     assert client.util_get_model_names() == ["knolling-tiny"]
     noted = [line for line in daemon.log().splitlines() if "ignored fields edge-imagegen has no use for" in line]
     assert noted and "enable_hr" in noted[-1] and "restore_faces" in noted[-1]  # noted, not refused
+
+
+def test_a1111_img2img_by_webuiapi_inpaints_and_keeps_the_rest(daemon, api):
+    from PIL import ImageDraw, ImageFilter
+    client = webuiapi.WebUIApi(host="127.0.0.1", port=daemon.http_port)
+    source = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(source).ellipse((20, 20, 60, 60), fill=(220, 30, 30))
+    mask = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(mask).rectangle((70, 70, 110, 110), fill=255)
+    result = client.img2img(images=[source], mask_image=mask, prompt="a yellow nut", seed=7, steps=8,
+                            denoising_strength=1.0, mask_blur=2, width=128, height=128)  # and image_cfg_scale, ...
+    (out,) = result.images
+    params = parse_parameters(out.info["parameters"])
+    assert params["Denoising strength"] == "1" and params["Mask blur"] == "2" and seed_of(out) == 7
+    outside = np.asarray(mask.filter(ImageFilter.MaxFilter(2 * (3 * 2 + 2) + 1))) == 0
+    assert np.array_equal(np.asarray(out.convert("RGB"))[outside], np.asarray(source)[outside])
+    assert result.parameters["init_images"] is None  # not echoed back
+    entry = api.get(f"/api/jobs/{result.info['job_id']}")[1]
+    assert entry["job"]["job"]["init_image"].startswith("sha256:")  # the journal holds a reference
 
 
 def test_a1111_progress_shows_the_step_and_a_preview_and_interrupt_cancels(daemon, api):

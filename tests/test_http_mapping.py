@@ -66,3 +66,23 @@ def test_http_binds_off_loopback_only_with_a_token_file():
     assert load_config(overrides={"http.host": "0.0.0.0", "http.enabled": False})  # not listening: no token needed
     with pytest.raises(ConfigError, match="http.port: must be at most 65535"):
         load_config(overrides={"http.port": 70000})
+
+
+def test_a1111_img2img_maps_images_strength_mask_and_resize_mode():
+    request = {"prompt": "a gear", "init_images": ["aW1n"], "mask": "bWFzaw==", "denoising_strength": 0.4,
+               "mask_blur": 6, "resize_mode": 1, "image_cfg_scale": 1.5, "inpainting_fill": 1,
+               "inpainting_mask_invert": 0}
+    job, ignored = a1111.to_edit_job(request, instruct=False)
+    assert job == {"prompt": "a gear", "count": 1, "init_image": "aW1n", "mask": "bWFzaw==", "strength": 0.4,
+                   "mask_blur": 6, "resize_mode": "crop_and_resize"}
+    assert ignored == ["image_cfg_scale", "inpainting_fill"]  # sent by habit to every model: not refused
+    job, ignored = a1111.to_edit_job({**request, "mask": None}, instruct=True)
+    assert job["image_guidance"] == 1.5 and "strength" not in job and "denoising_strength" in ignored
+    for bad, field in (({"init_images": []}, "init_images"),
+                       ({"inpainting_mask_invert": 1}, "inpainting_mask_invert")):
+        with pytest.raises(ValidationError) as exc:
+            a1111.to_edit_job({**request, **bad}, instruct=False)
+        assert exc.value.field == field
+    body = a1111.rename_error({"status": "error", "error": "strength: must be between 0 and 1, got 2",
+                               "field": "strength"})
+    assert body["field"] == "denoising_strength" and body["error"].startswith("denoising_strength (strength)")

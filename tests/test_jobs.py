@@ -3,7 +3,7 @@ import json
 import pytest
 
 from edge.errors import ValidationError
-from edge.jobs import Defaults, Limits, admit, decode_payload, parse_job, resolve_seed
+from edge.jobs import Defaults, Job, Limits, admit, decode_payload, parse_job, resolve_seed
 
 def field_of(data, **kw):
     with pytest.raises(ValidationError) as info:
@@ -37,6 +37,8 @@ def test_defaults_fill_missing_fields():
     ({"prompt": "a", "id": "x\n"}, "id", "letters, digits"),  # a trailing newline is not part of an id
     ({"prompt": "a", "step": 5}, "step", "not a job field"),
     ({"prompt": "a", "priority": 11}, "priority", "between -10 and 10"),
+    ({"prompt": "a", "return": "png"}, "return", "must be one of paths, base64"),
+    ({"prompt": "a", "return_": "base64"}, "return_", "not a job field"),
 ])
 def test_bad_fields_are_named(data, field, words):
     err = field_of(data)
@@ -81,3 +83,40 @@ def test_admit_fixes_id_and_seed_once():
     job = admit(parse_job({"prompt": "a"}))
     assert job.id and job.seed >= 0 and admit(job) == job
     assert admit(parse_job({"prompt": "a", "id": "mine", "seed": 3})).id == "mine"
+
+
+def test_return_is_a_wire_field_and_survives_the_journal_round_trip():
+    job = parse_job({"prompt": "a gear", "return": "base64"})
+    assert job.return_ == "base64" and parse_job({"prompt": "a gear"}).return_ == "paths"
+    data = job.to_dict()
+    assert data["return"] == "base64" and "return_" not in data
+    assert Job.from_dict(json.loads(json.dumps(data))) == job
+    old = {k: v for k, v in data.items() if k != "return"}  # a journal row from before the field
+    assert Job.from_dict(old).return_ == "paths"
+
+
+# --- payloads that once escaped the validator (issue 12): each is refused naming the field --------
+HOSTILE = [
+    (b"[" * 3000, "payload", "nested too deeply"),  # RecursionError inside json
+    (b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", "payload", "more than 4300 digits"),  # ValueError
+    (b'{"prompt": "a", "guidance": 1' + b"0" * 400 + b"}", "guidance", "an integer of 401 digits"),  # OverflowError
+    (b'{"prompt": "a\\ud800 gears"}', "prompt", "lone surrogate"),  # no file, topic or PNG chunk holds it
+    (b'{"prompt": "a", "negative_prompt": "\\udfff"}', "negative_prompt", "lone surrogate"),
+    (b'{"\\udc80": 1, "prompt": "a"}', "\udc80", "is not a job field"),  # JSON output escapes it again
+    (b'{"prompt": "a", "steps": 1e400}', "steps", "must be an integer, got float inf"),
+    (b'{"prompt": "a", "seed": [' + b"[" * 900 + b"]" * 900 + b"]}", "seed", "must be an integer, got list of 1"),
+]
+
+
+@pytest.mark.parametrize("payload, field, words", HOSTILE)
+def test_hostile_payloads_are_refused_with_the_field(payload, field, words):
+    with pytest.raises(ValidationError) as info:
+        parse_job(decode_payload(payload, Limits(max_payload_bytes=1 << 20)))
+    assert info.value.field == field and words in str(info.value), str(info.value)
+    assert len(str(info.value)) < 300  # the message never echoes a whole hostile value
+
+
+def test_a_str_payload_with_a_lone_surrogate_is_refused_not_raised():
+    with pytest.raises(ValidationError) as info:
+        parse_job(decode_payload('{"prompt": "a\ud800"}', Limits()))
+    assert info.value.field == "prompt"

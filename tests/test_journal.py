@@ -180,3 +180,67 @@ def test_history_pages_newest_first(tmp_path):
     assert [len(p) for p in pages] == [10, 10, 5]
     assert sum(pages, []) == [f"h{i:02d}" for i in reversed(range(25))]
     assert j.history(before="nope") == []
+
+
+def test_group_commit_takes_many_submissions_per_transaction_and_answers_each_after_its_commit(tmp_path):
+    j = Journal(tmp_path / "jobs.sqlite3", max_queue=10_000)
+    reader = sqlite3.connect(tmp_path / "jobs.sqlite3", check_same_thread=False)
+    seen_committed, lock = [], threading.Lock()
+
+    def committed(future):  # runs once the future is done: its row must be visible to another connection
+        record, created = future.result()
+        visible = reader.execute("SELECT count(*) FROM jobs WHERE id = ?", (record.id,)).fetchone()[0]
+        with lock:
+            seen_committed.append((created, visible))
+
+    def submit(start):
+        for i in range(start, start + 100):
+            j.submit_later(job(f"g{i}"), "mqtt").add_done_callback(committed)
+
+    threads = [threading.Thread(target=submit, args=(k * 100,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    j.close()  # drains the queue: every submission is committed before close returns
+    reader.close()
+    assert len(seen_committed) == 400 and all(c == (True, 1) for c in seen_committed)
+    assert j.group_commits < 400 / 2  # batched: on average more than two jobs per fsync
+
+
+def test_a_batch_that_cannot_commit_fails_every_submission_in_it_and_stores_none(tmp_path):
+    j = Journal(tmp_path / "jobs.sqlite3", max_queue=5)
+    j.submit(job("first"), "socket")
+    locker = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None, timeout=0)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the journal's busy timeout
+    j._db.execute("PRAGMA busy_timeout = 50")
+    futures = [j.submit_later(job(f"x{i}"), "socket") for i in range(3)]
+    for future in futures:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            future.result(10)
+    locker.execute("ROLLBACK")
+    locker.close()
+    assert j.submit(job("after"), "socket")[1] is True  # the journal takes jobs again by itself
+    assert [r.id for r in j.history()] == ["after", "first"]
+    j.close()
+
+
+def test_an_old_journal_gets_the_peer_column_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, dedup_key TEXT,
+            priority INTEGER NOT NULL, state TEXT NOT NULL, job TEXT NOT NULL, source TEXT NOT NULL,
+            reply TEXT NOT NULL, submitted REAL NOT NULL, started REAL, finished REAL,
+            attempts INTEGER NOT NULL DEFAULT 0, run_at TEXT, result TEXT, error TEXT,
+            delivered INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO jobs (id, priority, state, job, source, reply, submitted)
+            VALUES ('old', 0, 'queued', '{"prompt": "a gear", "id": "old", "seed": 1}', 'socket', '{}', 1.0);
+    """)
+    db.close()
+    j = Journal(path)
+    assert j.get("old").peer is None and j.get("old").job.prompt == "a gear"
+    record, _ = j.submit(job("new"), "socket", peer={"uid": 1000, "gid": 100})
+    assert record.peer == {"uid": 1000, "gid": 100}
+    j.close()
+    assert Journal(path).get("new").peer == {"uid": 1000, "gid": 100}  # and a second open does not migrate again

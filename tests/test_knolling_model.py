@@ -3,17 +3,22 @@
 A random-weight model fails these: it draws coloured noise, not parts of the asked colour on white.
 """
 
+import io
 import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image, ImageDraw, ImageFilter
 
 from edge.bundle import load_bundle
+from edge.images import b64encode
 from edge.jobs import parse_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import adherence  # noqa: E402
+import scenes  # noqa: E402
 
 SEEDS = range(8)
 pytestmark = pytest.mark.slow  # 8 seeds x 20 steps per prompt: the whole suite runs these, the fast lane not
@@ -64,3 +69,50 @@ def test_ddim_draws_parts_on_white_not_noise(pipeline, steps):
              for s in range(4)]
     assert all(a.background_share >= 0.98 for a in found), [round(a.background_share, 3) for a in found]
     assert sum(a.dominant_colour == "red" for a in found) >= 3
+
+
+# --- edits: the shipped VAE encoder (tools/train_vae_encoder.py, trained against the shipped decoder) --
+
+
+def png64(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return b64encode(buf.getvalue())
+
+
+def red_gears(seed):
+    return scenes.render((scenes.Group("red", "gear", 3),), "knolling", seed=seed)
+
+
+def test_vae_round_trip_of_a_scene_is_faithful(pipeline):
+    scene = red_gears(100)
+    result = pipeline.generate(parse_job({"prompt": scene.caption, "seed": 0, "init_image": png64(scene.image),
+                                          "strength": 0.0}))
+    out, src = (np.asarray(i, dtype=np.float64) for i in (result.images[0].image, scene.image))
+    assert 10 * np.log10(255.0**2 / np.mean((out - src) ** 2)) >= 22  # 25.4 dB mean on unseen scenes
+    assert adherence.analyze(result.images[0].image).dominant_colour == "red"
+
+
+def test_img2img_recolours_and_keeps_the_layout(pipeline):
+    hits = 0
+    for seed in range(4):
+        scene = red_gears(seed)
+        result = pipeline.generate(parse_job({"prompt": "knolling of 3 blue gears", "seed": seed, "steps": 20,
+                                              "init_image": png64(scene.image), "strength": 0.6}))
+        found = adherence.analyze(result.images[0].image)
+        hits += found.dominant_colour == "blue" and len(found.parts) == 3
+    assert hits >= 3
+
+
+def test_inpainting_draws_in_the_mask_and_keeps_the_rest(pipeline):
+    scene = red_gears(3)
+    x0, y0, x1, y1 = scene.parts[0].bbox
+    mask = Image.new("L", scene.image.size, 0)
+    ImageDraw.Draw(mask).rectangle((x0 - 4, y0 - 4, x1 + 3, y1 + 3), fill=255)
+    result = pipeline.generate(parse_job({"prompt": "knolling of a yellow nut", "seed": 3, "steps": 20,
+                                          "init_image": png64(scene.image), "mask": png64(mask)}))
+    out = result.images[0].image
+    inside = adherence.analyze(Image.composite(out, Image.new("RGB", out.size, "white"), mask))
+    assert inside.dominant_colour == "yellow"
+    outside = np.asarray(mask.filter(ImageFilter.MaxFilter(29))) == 0  # beyond mask_blur 4's reach
+    assert np.array_equal(np.asarray(out)[outside], np.asarray(scene.image)[outside])

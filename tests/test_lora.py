@@ -12,7 +12,7 @@ from PIL import Image
 from edge.bundle import EMBEDDED_MODEL, load_bundle
 from edge.config import LoraConfig
 from edge.errors import ValidationError
-from edge.jobs import Limits, LoraRef, parse_job
+from edge.jobs import Job, Limits, LoraRef, parse_job
 from edge.memory import fixed_plan
 from edge.output import parse_parameters, save_result
 from edge.pipeline import Pipeline
@@ -178,7 +178,7 @@ def test_prompt_tags_are_parsed_out_and_journal_round_trip():
     job = parse_job({"prompt": "knolling of <lora:lines:0.8> 3 gears <lora:parts>", "loras": [{"name": "x"}]})
     assert job.prompt == "knolling of 3 gears"
     assert job.loras == (LoraRef("x", 1.0), LoraRef("lines", 0.8), LoraRef("parts", 1.0))
-    again = type(job)(**json.loads(json.dumps(job.to_dict())))  # how the journal reads a job back
+    again = Job.from_dict(json.loads(json.dumps(job.to_dict())))  # how the journal reads a job back
     assert again == job
     limits = Limits(max_lora_strength=2.0)
     assert parse_job({"prompt": "g", "loras": [{"name": "a", "strength": 2}]}, limits).loras[0].strength == 2.0

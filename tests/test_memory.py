@@ -38,7 +38,8 @@ def manifest_with(bundle_copy, rss_mb):
 
 RSS = {"text_encoder": {"fp32": 500, "fp16": 260, "int8": 150},
        "unet": {"fp32": 3500, "fp16": 1800, "int8": 950},
-       "vae_decoder": {"fp32": 400, "fp16": 220, "int8": 200}}
+       "vae_decoder": {"fp32": 400, "fp16": 220, "int8": 200},
+       "vae_encoder": {"fp32": 100, "fp16": 60, "int8": 40}}
 
 
 def test_budget_without_cgroup_limit(tmp_path):
@@ -63,10 +64,10 @@ def test_no_cgroup_v2(tmp_path):
 
 
 @pytest.mark.parametrize("budget_mb, tier, precisions", [
-    (8000, "fp32", ("fp32", "fp32", "fp32")),
-    (4000, "fp16", ("fp16", "fp16", "fp16")),
-    (1500, "int8", ("int8", "int8", "int8")),
-    (1000, "int8-lowmem", ("int8", "int8", "int8")),
+    (8000, "fp32", ("fp32",) * 4),
+    (4000, "fp16", ("fp16",) * 4),
+    (1500, "int8", ("int8",) * 4),
+    (1000, "int8-lowmem", ("int8",) * 4),
 ])
 def test_auto_picks_most_faithful_tier_that_fits(bundle_copy, budget_mb, tier, precisions):
     bundle = manifest_with(bundle_copy, RSS)
@@ -87,7 +88,7 @@ def test_lowmem_uses_its_own_measurement_where_profile_made_one(bundle_copy):
     manifest["components"]["unet"]["int8"]["lowmem_peak_rss_bytes"] = 700 * MB
     bundle = load_bundle(bundle_copy)
     assert tier_plan(bundle, manifest, "int8-lowmem").footprint == 700 * MB
-    assert tier_plan(bundle, manifest, "int8").footprint == (150 + 950 + 200) * MB  # resident: not affected
+    assert tier_plan(bundle, manifest, "int8").footprint == (150 + 950 + 200 + 40) * MB  # resident: not affected
 
 
 def test_nothing_fits_is_a_clear_error(bundle_copy):

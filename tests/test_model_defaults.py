@@ -76,10 +76,11 @@ def test_generate_and_doctor_use_them(bundle_copy, tmp_path):
 def test_serve_uses_them_for_jobs_that_leave_them_out(bundle_copy, daemons):
     (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}')
     d = daemons("rec", config={"model": {"path": str(bundle_copy)}}).start()
-    with d.client() as c:
-        for job, steps in (({"prompt": "a gear", "seed": 1}, 2), ({"prompt": "a gear", "seed": 1, "steps": 3}, 3)):
+    for job, steps in (({"prompt": "a gear", "seed": 1}, 2), ({"prompt": "a gear", "seed": 1, "steps": 3}, 3)):
+        with d.client() as c:  # one connection per watch: the server closes it after the result
             messages = list(c.submit_and_watch(job))
-            assert messages[-1]["status"] == "ok", messages[-1]
-            assert [m["step"] for m in messages if m.get("event") == "progress"] == list(range(1, steps + 1))
+        assert messages[-1]["status"] == "ok", messages[-1]
+        assert [m["step"] for m in messages if m.get("event") == "progress"] == list(range(1, steps + 1))
+        with d.client() as c:
             stored = c.request({"op": "get", "id": messages[0]["id"]})["job"]["job"]
             assert (stored["steps"], stored["guidance"], stored["scheduler"]) == (steps, 1.0, "euler_a")

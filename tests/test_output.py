@@ -1,6 +1,8 @@
 import errno
 import json
 import os
+from dataclasses import replace
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from PIL import Image
 
 from edge.errors import OutputError
 from edge.jobs import parse_job
-from edge.output import ImageMeta, atomic_write, parse_parameters, save_image
+from edge.output import ImageMeta, atomic_write, image_path, parse_parameters, save_image, save_result
 
 
 def meta(**job):
@@ -71,3 +73,29 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="no space left"):
         atomic_write(tmp_path / "x.png", b"x" * 100000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_set_that_cannot_be_written_leaves_neither_png_nor_sidecar(tmp_path, pipeline):
+    """A prompt the PNG chunk cannot encode (a lone surrogate that bypassed parse_job) used to leave
+    the first image's sidecar behind: the set is now encoded first, PNGs written before sidecars,
+    and any failure removes the whole set."""
+    result = pipeline.generate(parse_job({"prompt": "a gear", "steps": 2, "count": 2, "seed": 3}))
+    result = replace(result, job=replace(result.job, prompt="a\ud800 gear"))
+    when = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    with pytest.raises(UnicodeEncodeError):
+        save_result(result, tmp_path, "u", model="m", provider="p", precision="fp32", when=when)
+    assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.json"))
+    paths = save_result(replace(result, job=replace(result.job, prompt="a gear")), tmp_path, "u", model="m",
+                        provider="p", precision="fp32", when=when)
+    assert paths == [image_path(tmp_path, "u", s, when) for s in (3, 4)]
+    # written PNGs first, sidecars last: every sidecar is at least as new as every PNG
+    assert max(p.stat().st_mtime_ns for p in paths) <= min(p.with_suffix(".json").stat().st_mtime_ns for p in paths)
+
+
+def test_edit_settings_follow_the_model_as_automatic1111_writes_them():
+    from edge.output import parameters_text
+    meta = ImageMeta(job=parse_job({"prompt": "make it blue", "steps": 20, "guidance": 7}), seed=5, width=512,
+                     height=512, sampler="Euler", model="pix2pix", extra={},
+                     settings={"Denoising strength": "0.6", "Mask blur": "4", "Image CFG scale": "1.5"})
+    assert parameters_text(meta).endswith("Model: pix2pix, Denoising strength: 0.6, Mask blur: 4, Image CFG scale: 1.5")
+    assert parse_parameters(parameters_text(meta))["Image CFG scale"] == "1.5"

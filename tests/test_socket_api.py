@@ -1,5 +1,6 @@
 """The Unix socket front end and its client, against the real pipeline on the embedded model."""
 
+import json
 import os
 import socket
 import stat
@@ -10,11 +11,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from daemon_harness import MODEL_REFUSALS, Daemon, daemons, images_by_job, short_dir  # noqa: F401 (fixture)
+from daemon_harness import MODEL_REFUSALS, Daemon, daemons, images_by_job, short_dir, wait_until  # noqa: F401 (fixture)
 from edge.config import load_config
 from edge.runner import PipelineRunner
 from edge.service import Service
 from edge.errors import EdgeError
+from edge.jobs import Job, admit
 from edge.journal import Journal
 from edge.client import SocketClient
 from edge.comms.unix_socket import SocketServer
@@ -79,6 +81,8 @@ def test_submit_watch_get_status(served):
         for path in result["paths"]:
             assert Image.open(path).size == (128, 128)
             assert "_sock-1_" in Path(path).name
+        assert c._reader.readline() == b""  # the watch ended the connection
+    with s.client() as c:
         got = c.request({"op": "get", "id": "sock-1"})
         assert got["status"] == "ok" and got["state"] == "done" and got["paths"] == result["paths"]
         assert got["job"]["job"]["prompt"] == "knolling of a red gear"
@@ -91,6 +95,7 @@ def test_resubmitting_an_id_never_runs_it_twice(served):
     s = served()
     with s.client() as c:
         first = list(c.submit_and_watch({"id": "dup", "prompt": "a lens", "steps": 2}))[-1]
+    with s.client() as c:
         again = c.request({"op": "submit", "job": {"id": "dup", "prompt": "something else", "steps": 9}})
         assert again["status"] == "ok" and again["paths"] == first["paths"]
     assert len(images_by_job(sorted(s.service.out_dir.glob("*/*.png")))["dup"]) == 1
@@ -100,7 +105,7 @@ BAD = [
     (b"{not json", "payload", "is not valid JSON"),
     (b"\xff\xfe\x00garbage\x01", "payload", "is not UTF-8"),
     (b"[1, 2]", "payload", "must be a JSON object"),
-    (b'{"op": "explode"}', "op", "must be one of submit, get, cancel, status, watch"),
+    (b'{"op": "explode"}', "op", "must be one of submit, get, cancel, status, watch, list"),
     (b'{"op": "submit", "job": "a cat"}', "job", "must be a JSON object"),
     (b'{"op": "submit", "job": {"prompt": 5}}', "prompt", "must be a string"),
     (b'{"op": "submit", "job": {"prompt": "a", "steps": "many"}}', "steps", "must be an integer"),
@@ -129,8 +134,8 @@ def test_bad_requests_get_clear_errors_and_leave_the_queue_intact(served):
     assert {r: s.journal.get(f"keep-{r}").state for r in range(3)} == {0: "queued", 1: "queued", 2: "queued"}
     assert s.journal.counts()["rejected"] == 2  # policy rejections are recorded, never run
     s.start_worker()
-    with s.client() as c:
-        for i in range(3):
+    for i in range(3):
+        with s.client() as c:  # one connection per watch: the server closes it after the result
             results = [m for m in c.request_stream({"op": "watch", "id": f"keep-{i}"})]
             assert results[-1]["status"] == "ok"
     assert sorted(images_by_job(sorted(s.service.out_dir.glob("*/*.png")))) == ["keep-0", "keep-1", "keep-2"]
@@ -234,10 +239,149 @@ def test_socket_activation_uses_fd_3_and_never_unlinks(tmp_path, daemons):
     listener.close()
 
 
-def test_an_off_domain_prompt_warns_in_the_result(served):
+def test_watch_ends_with_the_result_and_the_connection_closes(served):
     s = served()
     with s.client() as c:
+        c.send({"op": "submit", "job": {"id": "w1", "prompt": "a gear", "steps": 3}, "watch": True})
+        lines = []
+        while (line := c._reader.readline()):  # read to the end of the stream: the server must close it
+            lines.append(json.loads(line))
+    assert lines[0]["status"] == "queued" and lines[-1]["event"] == "result" and lines[-1]["status"] == "ok"
+    assert [m["event"] for m in lines[1:]] == ["started", "progress", "progress", "progress", "result"]
+    with s.client() as c:  # a watch of a finished job: the result at once, then the end
+        c.send({"op": "watch", "id": "w1"})
+        assert json.loads(c._reader.readline())["paths"] == lines[-1]["paths"]
+        assert c._reader.readline() == b""
+
+
+def test_list_pages_across_250_jobs_newest_first(served, tmp_path):
+    s = served(start=False, **{"daemon.max_queue": 300})
+    ids = [f"h{i:03d}" for i in range(250)]
+    for i, job_id in enumerate(ids):  # journal-level insertion (quick), read back through the socket op
+        s.journal.submit(admit(Job(prompt=f"gear {i}", id=job_id, seed=i)), "socket")
+    s.journal.finish("h010", "done", result={"paths": ["/x/h010.png"]})
+    pages, before = [], None
+    with s.client() as c:
+        while True:
+            page = c.request({"op": "list", "limit": 100, **({"before": before} if before else {})})
+            assert page["status"] == "ok"
+            pages.append(page["jobs"])
+            before = page["next"]
+            if before is None:
+                break
+        assert [len(p) for p in pages] == [100, 100, 50]
+        listed = [j["id"] for p in pages for j in p]
+        assert listed == ids[::-1]  # newest first, each once, none missing
+        h010 = next(j for p in pages for j in p if j["id"] == "h010")
+        assert (h010["state"], h010["prompt"], h010["seeds"], h010["paths"]) == ("done", "gear 10", [10], ["/x/h010.png"])
+        assert {"submitted", "started", "finished", "job", "source", "error"} <= set(h010)
+        assert c.request({"op": "list"})["jobs"][0]["id"] == "h249" and len(c.request({"op": "list"})["jobs"]) == 20
+        assert c.request({"op": "list", "limit": 5, "before": "h000"}) == {"status": "ok", "jobs": [], "next": None}
+        for bad, field in (({"limit": 0}, "limit"), ({"limit": "9"}, "limit"), ({"limit": 501}, "limit"),
+                           ({"before": "../x"}, "before")):
+            reply = c.request({"op": "list", **bad})
+            assert reply["status"] == "error" and reply["field"] == field, reply
+    # the CLI over the same socket: a page as text, every page as JSON
+    proc = cli("history", "--limit", "3", "--socket", str(s.path))
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] == ["h249", "h248", "h247"]
+    assert '"gear 249"' in proc.stdout and "queued" in proc.stdout
+    proc = cli("history", "--all", "--json", "--limit", "100", "--before", "h100", "--socket", str(s.path))
+    assert proc.returncode == 0, proc.stderr
+    assert [j["id"] for line in proc.stdout.splitlines() for j in json.loads(line)["jobs"]] == ids[:100][::-1]
+    proc = cli("history", "--limit", "0", "--socket", str(s.path))
+    assert proc.returncode == 2 and "error: limit: must be an integer between 1 and 500" in proc.stderr
+
+
+def test_an_off_domain_prompt_warns_in_the_result(served):
+    s = served()
+    with s.client() as c:  # one connection per watch: the server closes it after the result
         result = list(c.submit_and_watch({"id": "cat", "prompt": "a cat on a sofa", "steps": 2}))[-1]
+    with s.client() as c:
         known = list(c.submit_and_watch({"id": "gear", "prompt": "knolling of 3 red gears", "steps": 2}))[-1]
     assert result["status"] == "ok" and "unknown: cat, sofa" in result["warnings"][0]
     assert "warnings" not in known
+
+
+# --- hardening (issue 12) -------------------------------------------------------------------------------
+HOSTILE_LINES = [  # each once closed the connection without a reply, or was accepted and failed later
+    (b"[" * 3000, "payload", "nested too deeply"),
+    (b'{"op": "submit", "job": {"prompt": "a", "seed": 1' + b"0" * 5000 + b"}}", "payload", "4300 digits"),
+    (b'{"op": "submit", "job": {"prompt": "a", "guidance": 1' + b"0" * 400 + b"}}", "guidance", "401 digits"),
+    (b'{"op": "submit", "job": {"prompt": "a\\ud800 gears"}}', "prompt", "lone surrogate"),
+    (b'{"op": "submit", "job": {"prompt": "a", "id": "x\\n"}}', "id", "must be 1 to 64 characters"),
+    (b'{"op": "watch", "id": {"a": [' + b"[" * 500 + b"]" * 500 + b"]}}", "id", "no job"),
+    (b'{"op": "get", "id": [1, 2]}', "id", "no job"),
+    (b"\xed\xa0\x80", "payload", "is not UTF-8"),  # a surrogate encoded as UTF-8 bytes
+]
+
+
+def test_hostile_lines_are_each_answered_and_the_connection_keeps_taking_jobs(served):
+    s = served()
+    with s.client() as c:
+        for line, field, words in HOSTILE_LINES:
+            reply = c.request(line + b"\n")
+            assert reply["status"] == "error" and reply["field"] == field and words in reply["error"], (line[:50], reply)
+        result = list(c.submit_and_watch({"id": "after", "prompt": "a gear", "steps": 2}))[-1]
+    assert result["status"] == "ok" and all(Path(p).is_file() for p in result["paths"])
+    assert [r.id for r in s.journal.history()] == ["after"]  # none of the hostile ones was stored
+
+
+def test_a_broken_listening_socket_is_bound_again_and_shown_degraded_meanwhile(served):
+    s = served(start=False)
+    s.service.supervisor.min_delay = 0.5
+    s.server.sock.shutdown(socket.SHUT_RDWR)  # accept() now fails with EINVAL: the socket itself is broken
+    wait_until(lambda: s.service.status()["degraded"] == ["socket-accept"], 10, "the accept thread to be down")
+    wait_until(lambda: s.service.status()["degraded"] == [], 10, "the accept thread to be back")
+    with s.client() as c:
+        assert c.request({"op": "status"})["degraded"] == []
+        assert c.request({"op": "submit", "job": {"prompt": "a gear", "steps": 1}})["status"] == "queued"
+    assert s.service.supervisor.healthy()
+
+
+def test_a_socket_that_cannot_come_back_stops_the_watchdog(tmp_path, pipeline):
+    from test_daemon import NotifyReceiver  # noqa: PLC0415 (a helper of that module)
+    from edge.notify import Notifier
+    receiver = NotifyReceiver()
+    s = Served(tmp_path, pipeline)
+    s.service.notifier = Notifier(receiver.path, watchdog_usec=100_000)
+    s.service.supervisor.min_delay, s.service.supervisor.max_restarts = 0.05, 2
+    s.start_worker()
+    try:
+        assert receiver.drain(0.5).count("WATCHDOG=1") >= 2
+        s.server.sock.shutdown(socket.SHUT_RDWR)
+        s.path.unlink()
+        s.path.write_text("not a socket")  # every rebind fails: the thread cannot come back
+        wait_until(lambda: not s.service.supervisor.healthy(), 10, "the supervisor to give up")
+        receiver.drain(0.3)
+        assert "WATCHDOG=1" not in receiver.drain(0.5)  # systemd restarts the daemon
+        assert s.service.status()["degraded"] == ["socket-accept"]
+    finally:
+        s.path.unlink(missing_ok=True)
+        s.close()
+        receiver.close()
+
+
+def test_the_peer_uid_and_gid_are_kept_in_the_journal_and_the_sidecar(served):
+    s = served()
+    with s.client() as c:
+        result = list(c.submit_and_watch({"id": "who", "prompt": "a gear", "steps": 2}))[-1]
+    me = {"uid": os.getuid(), "gid": os.getgid()}
+    assert s.journal.get("who").peer == me
+    sidecar = json.loads(Path(result["paths"][0]).with_suffix(".json").read_text())
+    assert sidecar["submitted_by"] == me
+
+
+def test_the_allow_list_refuses_other_uids_and_admits_listed_ones_and_groups(served):
+    import grp
+    s = served(start=False, **{"socket.allow_uids": [os.getuid() + 4242]})
+    with s.client() as c:
+        reply = c.receive()  # refused at connect, before any request
+    assert reply["status"] == "error" and reply["error"].startswith(f"permission: uid {os.getuid()} ")
+    my_group = grp.getgrgid(os.getgid()).gr_name
+    for allowed in ({"socket.allow_uids": [os.getuid()]}, {"socket.allow_groups": [my_group]}):
+        t = served(start=False, **allowed)
+        with t.client() as c:
+            assert c.request({"op": "status"})["status"] == "ok"
+    with pytest.raises(EdgeError, match="socket.allow_groups: there is no group 'no-such-group-x'"):
+        served(start=False, **{"socket.allow_groups": ["no-such-group-x"]})

@@ -29,6 +29,7 @@ def test_service_is_type_notify_with_watchdog_and_state_directories():
     assert s["Type"] == "notify" and s["NotifyAccess"] == "main"
     assert int(s["WatchdogSec"]) > 0 and s["Restart"] == "on-failure"
     assert " serve " in s["ExecStart"] + " "
+    assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP: the daemon reloads its policy and limits
     assert s["StateDirectory"] == s["RuntimeDirectory"] == "edge-imagegen"
     assert s["ProtectSystem"] == "strict" and s["NoNewPrivileges"] == "yes"
     assert "MemoryMax" in s and "MemoryHigh" in s

@@ -161,7 +161,7 @@ def test_profile_records_measurements(bundle_copy):
         assert unet[precision]["call_seconds"] > 0 and unet[precision]["load_seconds"] > 0
     assert unet["int8"]["bytes"] < unet["fp32"]["bytes"]
     lowmem = {c: [p for p, e in v.items() if "lowmem_peak_rss_bytes" in e] for c, v in manifest["components"].items()}
-    assert lowmem == {"text_encoder": ["int8"], "unet": ["int8"], "vae_decoder": ["int8"]}  # what that tier loads
+    assert lowmem == {"text_encoder": ["int8"], "unet": ["int8"], "vae_decoder": ["int8"], "vae_encoder": ["int8"]}
     assert 0 < unet["int8"]["lowmem_peak_rss_bytes"] < unet["int8"]["peak_rss_bytes"]  # batch 1, no arena
     assert json.loads((bundle_copy / "variants.json").read_text())["profiled_on"]["onnxruntime"]
 

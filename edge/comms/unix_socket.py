@@ -9,9 +9,18 @@ Requests (``op`` picks the operation; every reply has ``status``: ``ok``, ``queu
     {"op": "cancel", "id": "..."}    -> cancels a queued job now, a running one at its next step
     {"op": "status"}                 -> queue depth, current job, model, precision, provider
     {"op": "watch", "id": "..."}     -> {"event": "started"|"progress", ...} lines, then one
-                                        {"event": "result", "status": "ok"|"error", ...} line
+                                        {"event": "result", "status": "ok"|"error", ...} line, and
+                                        the server closes the connection (the end of the stream)
+    {"op": "list", "limit": 20, "before": "..."}
+                                     -> {"status": "ok", "jobs": [...], "next": id|null}: the journal,
+                                        newest first (prompt, state, seeds, paths, times); ``next``
+                                        is the ``before`` of the next page
 
-The request line is the payload that ``limits.max_payload_bytes`` bounds. The socket is
+The request line is the payload that ``limits.max_request_bytes`` bounds (the job, plus its images). Every line is answered,
+whatever it holds (a request that fails unexpectedly gets ``internal error``, and the connection
+stays open). Each connection's peer uid/gid (SO_PEERCRED, :mod:`edge.peer`) is kept with the
+jobs it submits and checked against ``socket.allow_uids`` / ``socket.allow_groups``. The accept
+thread is supervised: if the listening socket breaks, it is bound again. The socket is
 ``socket.path`` (default ``$RUNTIME_DIRECTORY/edge-imagegen.sock``) created with ``socket.mode``
 (0660: the service's user and group), or the one systemd passes on fd 3 (socket activation,
 ``LISTEN_FDS``/``LISTEN_PID``); an activated socket belongs to systemd and is never unlinked.
@@ -19,6 +28,7 @@ The request line is the payload that ``limits.max_payload_bytes`` bounds. The so
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -27,6 +37,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +45,7 @@ from ..config import Config
 from ..errors import EdgeError, ValidationError
 from ..jobs import JobEvent, decode_payload, error_body
 from ..paths import server_socket_path
+from ..peer import AllowList, peer_credentials
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -43,7 +55,11 @@ log = logging.getLogger(__name__)
 SD_LISTEN_FDS_START = 3  # systemd passes activated sockets from fd 3 on
 MAX_CONNECTIONS = 32  # one thread each; a kiosk has a handful of clients
 HARD_LINE_CAP = 1 << 20  # bytes read of one request line at most; the rest is dropped with the connection
-OPS = ("submit", "get", "cancel", "status", "watch")
+# accept() errors that pass (a client gave up, a resource ran short for a moment); any other means the
+# listening socket itself is broken: the accept thread dies and its supervisor binds a new one
+TRANSIENT_ACCEPT = {errno.ECONNABORTED, errno.EINTR, errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+                    errno.EPERM, errno.EPROTO, errno.EAGAIN}
+OPS = ("submit", "get", "cancel", "status", "watch", "list")
 
 
 # --- systemd's socket ---------------------------------------------------------------------------
@@ -65,6 +81,13 @@ def activated_socket(environ: dict[str, str] | None = None) -> socket.socket | N
                         "edge-imagegen.socket")
     os.set_inheritable(sock.fileno(), False)
     return sock
+
+
+def activated_socket_present(environ: dict[str, str] | None = None) -> bool:
+    """Whether systemd passed a socket (without taking it, as :func:`activated_socket` does)."""
+    env = os.environ if environ is None else environ
+    fds = env.get("LISTEN_FDS", "")
+    return env.get("LISTEN_PID") == str(os.getpid()) and fds.isdigit() and int(fds) > 0
 
 
 def _bind(path: Path, mode: int) -> socket.socket:
@@ -101,7 +124,7 @@ class SocketServer:
     def __init__(self, config: Config):
         self.config = config
         self.service: Service | None = None  # attached once the model is loaded
-        self.limits = config.limits
+        self.allow = AllowList(config.socket)
         self.sock = activated_socket()
         self.activated = self.sock is not None
         if self.sock is None:
@@ -118,6 +141,7 @@ class SocketServer:
         self._connections: set[socket.socket] = set()
         self._watchers: dict[str, list[queue.Queue]] = {}
         self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
 
     def attach(self, service: Service) -> None:
         self.service = service
@@ -126,14 +150,23 @@ class SocketServer:
     def start(self) -> None:
         if self.service is None:
             raise RuntimeError("attach a service first")
-        self._thread = threading.Thread(target=self._accept_loop, name="socket-accept", daemon=True)
-        self._thread.start()
+        self._thread = self.service.supervisor.spawn("socket-accept", self._accept_loop, self._stopped, self._rebind)
+
+    def _rebind(self) -> None:
+        """Before a restart of the accept thread: a new listening socket in place of the broken one
+        (systemd's socket is its to repair: a restart of the unit gets a new one)."""
+        if self.activated or self.path is None:
+            return
+        self.sock.close()
+        self.sock = _bind(self.path, int(self.config.socket.mode, 8))
+        log.info("listening on %s again", self.path)
 
     def stop_accepting(self) -> None:
         """No new connections; open ones get "stopping" for submissions (the service refuses them)."""
         self.accepting = False
         os.write(self._wake_w, b"x")
         if self._thread is not None:
+            self._stopped.set()
             self._thread.join(5)
 
     def close(self) -> None:
@@ -162,7 +195,10 @@ class SocketServer:
             try:
                 conn, _ = self.sock.accept()
             except OSError as exc:
+                if exc.errno not in TRANSIENT_ACCEPT:
+                    raise
                 log.warning("accept failed: %s", exc)
+                time.sleep(0.05)  # EMFILE stays until a connection closes: do not spin
                 continue
             with self._lock:
                 if len(self._connections) >= MAX_CONNECTIONS:
@@ -174,14 +210,19 @@ class SocketServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
+            peer = peer_credentials(conn)
+            refusal = self.allow.refusal(peer)
+            if refusal is not None:
+                log.warning("socket connection refused: %s", refusal)
+                _send(conn, error_body(refusal, None, "uid"))
+                return
+            peer = {"uid": peer["uid"], "gid": peer["gid"]}  # the pid is gone by the time anyone reads the journal
             reader = conn.makefile("rb")
             while True:
-                line, overflow = _read_line(reader, self.limits.max_payload_bytes)
+                line, overflow = _read_line(reader, self.service.config.limits.max_request_bytes)
                 if line is None:
                     break
-                if not line.strip():
-                    continue
-                if not self._handle(conn, line) or overflow:
+                if not self._answer(conn, line, peer) or overflow:
                     break  # the rest of an overlong line cannot be told from the next request
         except OSError:
             pass  # the client went away
@@ -192,11 +233,19 @@ class SocketServer:
                 self._connections.discard(conn)
             conn.close()
 
-    def _handle(self, conn: socket.socket, line: bytes) -> bool:
+    def _answer(self, conn: socket.socket, line: bytes, peer: dict[str, int]) -> bool:
+        """:meth:`_handle`, total: an unexpected failure is logged and answered, and the connection stays."""
+        try:
+            return self._handle(conn, line, peer)
+        except Exception as exc:
+            log.exception("socket request failed")
+            return _send(conn, error_body(f"internal error: {type(exc).__name__}: {str(exc)[:200]}"))
+
+    def _handle(self, conn: socket.socket, line: bytes, peer: dict[str, int]) -> bool:
         """Answer one request line; False ends the connection."""
         assert self.service is not None
         try:
-            request = decode_payload(line, self.limits)
+            request = decode_payload(line, self.service.config.limits)
         except ValidationError as exc:
             return _send(conn, error_body(str(exc), None, exc.field))
         op = request.get("op")
@@ -210,11 +259,13 @@ class SocketServer:
             return _send(conn, self.service.cancel(request.get("id")))
         if op == "watch":
             return self._watch(conn, request.get("id"))
+        if op == "list":
+            return _send(conn, self.service.history(request.get("limit", 20), request.get("before")))
         job = request.get("job")
         if not isinstance(job, dict):
             return _send(conn, error_body(f"job: must be a JSON object with the job's fields, got "
                                           f"{type(job).__name__}", None, "job"))
-        answer = self.service.submit_data(job, "socket")
+        answer = self.service.submit_data(job, "socket", peer=peer)
         if not _send(conn, answer.body):
             return False
         if request.get("watch") and answer.accepted and answer.record is not None:
@@ -222,6 +273,8 @@ class SocketServer:
         return True
 
     def _watch(self, conn: socket.socket, job_id: Any) -> bool:
+        """Stream the job's events up to its result, then end the connection (False); an id that is no
+        job is answered with the error like any bad request, and the connection stays (True)."""
         assert self.service is not None
         events: queue.Queue = queue.Queue()
         key = str(job_id)
@@ -229,14 +282,15 @@ class SocketServer:
             self._watchers.setdefault(key, []).append(events)
         try:
             state = self.service.get(job_id)
-            if state["status"] in ("ok", "error"):  # finished (or unknown): nothing to wait for
+            if "state" not in state:  # no such job: nothing was watched
                 return _send(conn, {"event": "result", **state})
+            if state["status"] in ("ok", "error"):  # finished: nothing to wait for
+                _send(conn, {"event": "result", **state})
+                return False
             while True:
                 message = events.get()
-                if not _send(conn, message):
+                if not _send(conn, message) or message["event"] == "result":
                     return False
-                if message["event"] == "result":
-                    return True
         finally:
             with self._lock:
                 self._watchers[key].remove(events)
@@ -256,7 +310,7 @@ class SocketServer:
 def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
     """One line (without the newline); (None, False) at end of stream.
 
-    A line longer than ``limit`` is read on up to HARD_LINE_CAP so that decode_payload can name
+    A line longer than ``limit`` is read on up to HARD_LINE_CAP (or twice the limit) so that decode_payload can name
     its size; past that the connection is dropped (overflow True).
     """
     line = reader.readline(limit + 2)
@@ -264,7 +318,7 @@ def _read_line(reader: Any, limit: int) -> tuple[bytes | None, bool]:
         return None, False
     if line.endswith(b"\n") or len(line) < limit + 2:
         return line.rstrip(b"\r\n"), False
-    rest = reader.readline(HARD_LINE_CAP - len(line))
+    rest = reader.readline(max(HARD_LINE_CAP, 2 * limit) - len(line))
     line += rest
     overflow = not line.endswith(b"\n")
     return line.rstrip(b"\r\n"), overflow

@@ -65,6 +65,10 @@ class Scheduler(Protocol):
              noise: np.ndarray | None = None) -> np.ndarray:
         """The sample for the next step (float32), from the model output at this one."""
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """Clean latents noised to the level the sample has at step ``step_index`` (img2img's start,
+        inpainting's known region), as diffusers' add_noise after set_begin_index."""
+
 
 SCHEDULERS: dict[str, type] = {
     "euler": EulerDiscreteScheduler,

@@ -116,6 +116,19 @@ def spaced_timesteps(spacing: str, num_inference_steps: int, num_train_timesteps
     raise AssertionError("unreachable")
 
 
+# --- forward process (img2img, inpainting) ------------------------------------------------------
+def noised(original: np.ndarray, noise: np.ndarray, signal: np.floating, noise_scale: np.floating) -> np.ndarray:
+    """signal * x0 + noise_scale * eps in float32: every scheduler's ``add_noise`` (diffusers' arithmetic)."""
+    x0, eps = np.asarray(original, dtype=np.float32), np.asarray(noise, dtype=np.float32)
+    return (np.float32(signal) * x0 + np.float32(noise_scale) * eps).astype(np.float32, copy=False)
+
+
+def vp_add_noise(alphas_bar: np.ndarray, t: int, original: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), DDPM (Ho et al. 2020) eq. (4)."""
+    a = alphas_bar[t]
+    return noised(original, noise, a ** np.float32(0.5), (np.float32(1) - a) ** np.float32(0.5))
+
+
 # --- sigma-space helpers (Euler, DPM++) ---------------------------------------------------------
 def karras_sigmas(sigma_min: float, sigma_max: float, num_inference_steps: int) -> np.ndarray:
     """Karras et al. 2022 (EDM) eq. (5): sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho."""

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, choice, off, spaced_timesteps
+from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, choice, off, spaced_timesteps,
+                     vp_add_noise)
 
 
 class DDIMScheduler:
@@ -60,6 +61,9 @@ class DDIMScheduler:
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        return vp_add_noise(self.alphas_cumprod, int(self.timesteps[step_index]), original, noise)
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray,
              noise: np.ndarray | None = None) -> np.ndarray:

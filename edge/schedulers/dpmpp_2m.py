@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, choice, karras_sigmas, off,
-                     sigma_to_t)
+from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, choice, karras_sigmas, noised,
+                     off, sigma_to_t)
 
 
 class DPMSolverMultistepScheduler:
@@ -127,6 +127,9 @@ class DPMSolverMultistepScheduler:
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        return noised(original, noise, *self._alpha_sigma(self.sigmas[step_index]))
 
     @staticmethod
     def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, choice, karras_sigmas, off,
-                     sigma_to_t, spaced_timesteps)
+from .common import (PREDICTION_TYPES, SPACINGS, alphas_cumprod, check_steps, choice, karras_sigmas, noised,
+                     off, sigma_to_t, spaced_timesteps)
 
 
 class EulerDiscreteScheduler:
@@ -107,6 +107,10 @@ class EulerDiscreteScheduler:
         # (EDM Table 1, c_in = 1 / sqrt(sigma^2 + 1)).
         sigma = self.sigmas[step_index]
         return (sample / np.sqrt(sigma * sigma + np.float32(1))).astype(np.float32, copy=False)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        # Sigma space: x = x0 + sigma * eps at this step's sigma.
+        return noised(original, noise, 1, self.sigmas[step_index])
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray,
              noise: np.ndarray | None = None) -> np.ndarray:

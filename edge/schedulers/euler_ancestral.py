@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import SPACINGS, alphas_cumprod, check_steps, choice, spaced_timesteps
+from .common import SPACINGS, alphas_cumprod, check_steps, choice, noised, spaced_timesteps
 
 
 class EulerAncestralDiscreteScheduler:
@@ -69,6 +69,10 @@ class EulerAncestralDiscreteScheduler:
         # Unit-variance UNet input: c_in = 1 / sqrt(sigma^2 + 1) (Karras et al. 2022, Table 1).
         sigma = self.sigmas[step_index]
         return (sample / np.sqrt(sigma * sigma + np.float32(1))).astype(np.float32, copy=False)
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        # Sigma space: x = x0 + sigma * eps at this step's sigma.
+        return noised(original, noise, 1, self.sigmas[step_index])
 
     def step(self, model_output: np.ndarray, step_index: int, sample: np.ndarray,
              noise: np.ndarray | None = None) -> np.ndarray:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .common import PREDICTION_TYPES, alphas_cumprod, check_steps, choice, off
+from .common import PREDICTION_TYPES, alphas_cumprod, check_steps, choice, off, vp_add_noise
 
 
 class LCMScheduler:
@@ -72,6 +72,9 @@ class LCMScheduler:
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        return vp_add_noise(self.alphas_cumprod, int(self.timesteps[step_index]), original, noise)
 
     def _boundary_scalings(self, t: int) -> tuple[np.float32, np.float32]:
         """c_skip(t), c_out(t) of the consistency parameterisation; float32 like diffusers."""

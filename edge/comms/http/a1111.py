@@ -14,6 +14,7 @@ import json
 import logging
 from typing import Any
 
+from ...errors import ValidationError
 from ...jobs import JobRecord
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,12 @@ SAMPLERS: dict[str, str] = {"Euler": "euler", "Euler a": "euler_a", "DDIM": "ddi
 RENAMED = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "cfg_scale": "guidance",
            "seed": "seed", "width": "width", "height": "height"}
 COUNTED = ("batch_size", "n_iter")
-BACK = {ours: theirs for theirs, ours in RENAMED.items()} | {"scheduler": "sampler_name", "count": "batch_size"}
+# img2img: init_images (a list of one), mask, and these; resize_mode by A1111's numbers
+EDIT_RENAMED = {"mask": "mask", "denoising_strength": "strength", "mask_blur": "mask_blur",
+                "image_cfg_scale": "image_guidance"}
+RESIZE_MODES = {0: "just_resize", 1: "crop_and_resize", 2: "resize_and_fill"}
+BACK = ({ours: theirs for theirs, ours in (RENAMED | EDIT_RENAMED).items()}
+        | {"scheduler": "sampler_name", "count": "batch_size", "init_image": "init_images"})
 # A1111's newer "scheduler" field (the noise schedule); only Karras changes anything here
 SCHEDULE_FIELD = "scheduler"
 
@@ -46,6 +52,29 @@ def to_job(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     used = set(RENAMED) | set(COUNTED) | {"sampler_name", "sampler_index", SCHEDULE_FIELD}
     ignored = sorted(k for k in data if k not in used)
     return job, ignored
+
+
+def to_edit_job(data: dict[str, Any], instruct: bool) -> tuple[dict[str, Any], list[str]]:
+    """The job fields for an img2img request (image to image, inpainting), and the ignored fields.
+
+    A1111 clients send ``image_cfg_scale`` (and ``denoising_strength``) whatever the model: they
+    are passed on for an InstructPix2Pix model (``instruct``) and ignored with the rest otherwise.
+    """
+    job, ignored = to_job(data)
+    images = data.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise ValidationError("init_images", "must be a list of one base64 image (edge-imagegen edits one at a time)")
+    if data.get("inpainting_mask_invert"):
+        raise ValidationError("inpainting_mask_invert", "is not supported: send the mask inverted (white = repaint)")
+    job["init_image"] = images[0]
+    unused = ("denoising_strength",) if instruct else ("image_cfg_scale",)
+    job.update({ours: data[theirs] for theirs, ours in EDIT_RENAMED.items()
+                if data.get(theirs) is not None and theirs not in unused})
+    if data.get("resize_mode") is not None:
+        mode = data["resize_mode"]
+        job["resize_mode"] = RESIZE_MODES.get(mode, mode) if isinstance(mode, int) else mode  # parse_job checks
+    used = {"init_images", "inpainting_mask_invert", "resize_mode", *EDIT_RENAMED} - set(unused)
+    return job, [k for k in ignored if k not in used]
 
 
 def rename_error(body: dict[str, Any]) -> dict[str, Any]:

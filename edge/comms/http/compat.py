@@ -31,6 +31,7 @@ def add_routes(app: web.Application, front: HttpFrontEnd) -> None:
     compat = Compat(front)
     r = app.router
     r.add_post("/sdapi/v1/txt2img", compat.txt2img)
+    r.add_post("/sdapi/v1/img2img", compat.img2img)
     r.add_get("/sdapi/v1/progress", compat.progress)
     r.add_post("/sdapi/v1/interrupt", compat.interrupt)
     r.add_get("/sdapi/v1/samplers", compat.samplers)
@@ -64,7 +65,7 @@ class Compat:
         self.front = front
         self.service = front.service
         # the mapped job is small whatever the client sent by habit: bound the request by the body limit
-        self.limits = replace(front.config.limits, max_payload_bytes=front.http.max_body_bytes)
+        self.limits = replace(front.config.limits, max_payload_bytes=front.body_limit)
 
     async def _object(self, request: web.Request) -> dict[str, Any]:
         raw = await self.front.body(request)
@@ -110,6 +111,18 @@ class Compat:
         record = await self._run(job, request)
         images, texts = await self.front.call(_read_images, record.result["paths"])
         return web.json_response(a1111.txt2img_body(data, record, images, texts, self.service.runner.model))
+
+    async def img2img(self, request: web.Request) -> web.Response:
+        data = await self._object(request)
+        try:
+            job, ignored = a1111.to_edit_job(data, self.service.runner.model_kind == "instruct")
+        except ValidationError as exc:
+            raise self._error(400, str(exc), exc.field, request) from None
+        a1111.note_ignored(ignored, "/sdapi/v1/img2img")
+        record = await self._run(job, request)
+        images, texts = await self.front.call(_read_images, record.result["paths"])
+        echo = {**data, "init_images": None, "mask": None}  # as A1111 answers: not the inputs again
+        return web.json_response(a1111.txt2img_body(echo, record, images, texts, self.service.runner.model))
 
     async def progress(self, request: web.Request) -> web.Response:
         status = await self.front.call(self.service.status)

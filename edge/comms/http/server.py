@@ -80,7 +80,10 @@ class HttpFrontEnd:
         self.out_dir = service.out_dir.resolve()
         self.loop = asyncio.new_event_loop()
         self.watchers = Watchers(self.loop, service, service.runner.preview, self.http.preview_every)
-        self.app = web.Application(client_max_size=self.http.max_body_bytes, middlewares=[self._guard])
+        # edit jobs carry their images: room for two at limits.max_image_bytes beyond http.max_body_bytes
+        limits = config.limits
+        self.body_limit = self.http.max_body_bytes + limits.max_request_bytes - limits.max_payload_bytes
+        self.app = web.Application(client_max_size=self.body_limit, middlewares=[self._guard])
         self._routes()
         compat.add_routes(self.app, self)
         # keepalive_timeout also runs from the connection's start: a client that never finishes its
@@ -126,18 +129,23 @@ class HttpFrontEnd:
         return await self.loop.run_in_executor(None, fn, *args)
 
     async def body(self, request: web.Request) -> bytes:
-        limit = self.http.max_body_bytes
+        limit = self.body_limit
         if request.content_length is not None and request.content_length > limit:
             raise HttpError(413, error_body(f"payload: is {request.content_length} bytes, the limit is {limit} "
-                                            f"(http.max_body_bytes)", None, "payload"))
+                                            f"(http.max_body_bytes, plus two images of limits.max_image_bytes)",
+                                            None, "payload"))
         try:
-            return await asyncio.wait_for(request.read(), self.http.request_timeout)
+            raw = await asyncio.wait_for(request.read(), self.http.request_timeout)
         except asyncio.TimeoutError:
             raise HttpError(408, error_body(f"payload: not received within {self.http.request_timeout:g} s "
                                             f"(http.request_timeout)", None, "payload")) from None
         except web.HTTPRequestEntityTooLarge:
-            raise HttpError(413, error_body(f"payload: is over the limit of {limit} bytes (http.max_body_bytes)",
-                                            None, "payload")) from None
+            raise HttpError(413, error_body(f"payload: is over the limit of {limit} bytes (http.max_body_bytes, "
+                                            f"plus two images)", None, "payload")) from None
+        if len(raw) > self.http.max_body_bytes and b'"init_image' not in raw:  # the room is for images only
+            raise HttpError(413, error_body(f"payload: is {len(raw)} bytes, the limit is {self.http.max_body_bytes} "
+                                            f"(http.max_body_bytes)", None, "payload"))
+        return raw
 
     def image_url(self, path: str) -> str | None:
         try:
