@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ValidationError
+from .fields import float_field, int_field, text_field
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")  # AUTOMATIC1111's, edge.images does them
 MAX_SEED = 2**53 - 1  # the largest integer every JSON client round-trips exactly
@@ -120,71 +121,10 @@ class Step:
 
 
 # --- validation ----------------------------------------------------------------------------------
-SHOWN_CHARS = 40  # of a refused value in an error message: enough to recognise it, never the whole payload
-
-
-def shown(value: Any) -> str:
-    """A short repr of a client's value for an error message (any size, any nesting depth)."""
-    if isinstance(value, (dict, list)):
-        return f"of {len(value)} items"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**SHOWN_CHARS:
-        return f"an integer of {len(str(abs(value)))} digits"
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
-
-
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        else:
-            raise ValidationError(name, f"must be an integer, got {type(value).__name__} {shown(value)}")
-    if not lo <= value <= hi:
-        raise ValidationError(name, f"must be between {lo} and {hi}, got {shown(value)}")
-    return value
-
-
-def _float(name: str, value: Any, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValidationError(name, f"must be a number, got {type(value).__name__} {shown(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond the float range: outside every limit
-        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {shown(value)}") from None
-    if not lo <= number <= hi:  # also rejects NaN
-        raise ValidationError(name, f"must be between {lo:g} and {hi:g}, got {number:g}")
-    return number
-
-
-def unencodable(text: str) -> int | None:
-    """Index of the first character UTF-8 cannot encode (a lone surrogate), or None."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
-    return None
-
-
-def _text(name: str, value: Any, max_chars: int, required: bool) -> str:
-    if not isinstance(value, str):
-        raise ValidationError(name, f"must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise ValidationError(name, "must not be empty")
-    if len(value) > max_chars:
-        raise ValidationError(name, f"is {len(value)} characters, the limit is {max_chars}")
-    if "\x00" in value:
-        raise ValidationError(name, "must not contain NUL characters")
-    bad = unencodable(value)
-    if bad is not None:  # JSON's "\ud800" escape: text no file, topic or PNG chunk can hold
-        raise ValidationError(name, f"has a lone surrogate (U+{ord(value[bad]):04X}) at character {bad}; "
-                                    f"it is not Unicode text")
-    return value
-
-
 def _side(name: str, value: Any, limits: Limits) -> int | None:
     if value is None:
         return None
-    return _int(name, value, 8, limits.max_side)
+    return int_field(name, value, 8, limits.max_side)
 
 
 def decode_payload(payload: bytes | str, limits: Limits) -> dict[str, Any]:
@@ -237,17 +177,17 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
         raise ValidationError("return", f"must be one of {', '.join(RETURN_MODES)}, got {returns!r}")
     return Job(
         id=job_id,
-        prompt=_text("prompt", data["prompt"], limits.max_prompt_chars, required=True),
-        negative_prompt=_text("negative_prompt", get("negative_prompt", defaults.negative_prompt),
+        prompt=text_field("prompt", data["prompt"], limits.max_prompt_chars, required=True),
+        negative_prompt=text_field("negative_prompt", get("negative_prompt", defaults.negative_prompt),
                               limits.max_prompt_chars, required=False),
-        steps=_int("steps", get("steps", defaults.steps), 1, limits.max_steps),
-        guidance=_float("guidance", get("guidance", defaults.guidance), limits.min_guidance, limits.max_guidance),
-        seed=_int("seed", get("seed", -1), -1, MAX_SEED),
-        count=_int("count", get("count", defaults.count), 1, limits.max_count),
+        steps=int_field("steps", get("steps", defaults.steps), 1, limits.max_steps),
+        guidance=float_field("guidance", get("guidance", defaults.guidance), limits.min_guidance, limits.max_guidance),
+        seed=int_field("seed", get("seed", -1), -1, MAX_SEED),
+        count=int_field("count", get("count", defaults.count), 1, limits.max_count),
         width=_side("width", get("width", defaults.width), limits),
         height=_side("height", get("height", defaults.height), limits),
-        scheduler=None if scheduler is None else _text("scheduler", scheduler, 64, required=True),
-        priority=_int("priority", get("priority", 0), limits.min_priority, limits.max_priority),
+        scheduler=None if scheduler is None else text_field("scheduler", scheduler, 64, required=True),
+        priority=int_field("priority", get("priority", 0), limits.min_priority, limits.max_priority),
         return_=returns,
         **_edit_fields(data, limits),
     )
@@ -266,16 +206,16 @@ def _edit_fields(data: dict[str, Any], limits: Limits) -> dict[str, Any]:
             from .images import ImageLimits, check_image  # Pillow: only for jobs that carry images
             fields[name] = check_image(name, data[name], ImageLimits(limits.max_image_bytes, limits.max_image_pixels))
     if data.get("strength") is not None:
-        fields["strength"] = _float("strength", data["strength"], 0.0, 1.0)
+        fields["strength"] = float_field("strength", data["strength"], 0.0, 1.0)
     if data.get("mask_blur") is not None:
-        fields["mask_blur"] = _int("mask_blur", data["mask_blur"], 0, limits.max_mask_blur)
+        fields["mask_blur"] = int_field("mask_blur", data["mask_blur"], 0, limits.max_mask_blur)
     if data.get("resize_mode") is not None:
         mode = data["resize_mode"]
         if mode not in RESIZE_MODES:
             raise ValidationError("resize_mode", f"{mode!r} is not supported; choose one of {', '.join(RESIZE_MODES)}")
         fields["resize_mode"] = mode
     if data.get("image_guidance") is not None:
-        fields["image_guidance"] = _float("image_guidance", data["image_guidance"], limits.min_guidance,
+        fields["image_guidance"] = float_field("image_guidance", data["image_guidance"], limits.min_guidance,
                                           limits.max_guidance)
     for name in ("mask", "strength"):
         if name in fields and "init_image" not in fields:
