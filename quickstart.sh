@@ -6,5 +6,5 @@ cd "$(dirname "$0")"
 source scripts/setup-env.sh
 ensure_python
 make_venv .
-PROMPT=${1:-"knolling of 2 red gears and a blue battery on a pure white background"}
+PROMPT=${1:-"knolling of 2 red gears and a blue battery"}
 exec .venv/bin/edge-imagegen generate "$PROMPT" --seed 42 --out outputs

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ValidationError
-from .job_fields import float_field, int_field, text_field
+from .fields import float_field, int_field, shown, text_field
 from .job_loras import LoraRef, parse_loras
 
 RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")  # AUTOMATIC1111's, edge.images does them
@@ -184,7 +184,7 @@ def parse_job(data: dict[str, Any], limits: Limits = Limits(), defaults: Default
                                 data.get("loras"), limits.max_loras)
     returns = get("return", "paths")
     if returns not in RETURN_MODES:
-        raise ValidationError("return", f"must be one of {', '.join(RETURN_MODES)}, got {returns!r}")
+        raise ValidationError("return", f"must be one of {', '.join(RETURN_MODES)}, got {shown(returns)}")
     return Job(
         id=job_id,
         prompt=prompt,

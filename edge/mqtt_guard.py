@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import paho.mqtt.client as mqtt
 
-from .job_fields import unencodable
+from .fields import unencodable
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Checks of one job field's value, with the error naming the field and the limit (stdlib only)."""
+"""Checks of one value of a request against its limit: every error names the field and the limit,
+and shows at most a short prefix of the refused value (a hostile payload is never echoed whole)."""
 
 from __future__ import annotations
 
