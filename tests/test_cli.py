@@ -19,6 +19,7 @@ def cli(*args):
                           timeout=120, cwd="/")
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_generate_prints_paths_embeds_seed_and_reproduces(tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -94,6 +95,7 @@ def test_progress_bar_on_terminal_and_plain_lines_elsewhere():
 TINY_SD = Path(__file__).parent / "fixtures" / "tiny-sd"
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_generate_inpaints_from_files_and_records_the_edit(tmp_path):
     import hashlib
     from PIL import ImageDraw
@@ -129,6 +131,7 @@ def test_quantize_without_onnx_stops_at_once_with_the_install_hint(bundle_copy, 
     assert sorted(p.name for p in bundle_copy.rglob("*")) == before  # nothing written, nothing removed
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_an_off_domain_prompt_warns_and_still_writes_the_image(tmp_path):
     run = subprocess.run([sys.executable, "-m", "edge.cli", "generate", "a cat on a sofa", "--steps", "2", "--seed", "1",
                           "--out", str(tmp_path)], capture_output=True, text=True, cwd="/", timeout=120)

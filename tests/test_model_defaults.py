@@ -55,6 +55,7 @@ def test_bad_edge_json_names_the_file_and_key(bundle_copy, text, words):
         load_bundle(bundle_copy)
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_generate_and_doctor_use_them(bundle_copy, tmp_path):
     (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}')
     proc = cli("generate", "knolling of 2 red gears", "--seed", "3", "--model", str(bundle_copy),
@@ -73,6 +74,7 @@ def test_generate_and_doctor_use_them(bundle_copy, tmp_path):
     assert doctor["model"]["recommended"] == {"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_serve_uses_them_for_jobs_that_leave_them_out(bundle_copy, daemons):
     (bundle_copy / "edge.json").write_text('{"steps": 2, "guidance": 1.0, "scheduler": "euler_a"}')
     d = daemons("rec", config={"model": {"path": str(bundle_copy)}}).start()

@@ -215,6 +215,7 @@ def test_submit_command_prints_paths_and_errors(served):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_socket_activation_uses_fd_3_and_never_unlinks(tmp_path, daemons):
     folder = short_dir()
     path = folder / "activated.sock"
@@ -327,6 +328,7 @@ def test_hostile_lines_are_each_answered_and_the_connection_keeps_taking_jobs(se
     assert [r.id for r in s.journal.history()] == ["after"]  # none of the hostile ones was stored
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_a_broken_listening_socket_is_bound_again_and_shown_degraded_meanwhile(served):
     s = served(start=False)
     s.service.supervisor.min_delay = 0.5
@@ -339,6 +341,7 @@ def test_a_broken_listening_socket_is_bound_again_and_shown_degraded_meanwhile(s
     assert s.service.supervisor.healthy()
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_a_socket_that_cannot_come_back_stops_the_watchdog(tmp_path, pipeline):
     from test_daemon import NotifyReceiver  # noqa: PLC0415 (a helper of that module)
     from edge.notify import Notifier

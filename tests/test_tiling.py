@@ -115,6 +115,7 @@ def test_choose_tile_rules(caplog):
     assert choose_tile("on", lowmem=True, budget=budget_of(1), **{**args, "static": (32, 32)}) == (32, 32)
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_lowmem_tier_tiles_when_the_budget_is_short(tmp_path):
     """int8-lowmem with auto: the whole decode does not fit a (nearly) empty budget, so it tiles."""
     import shutil

@@ -92,6 +92,7 @@ def test_decoder_folder_errors(tmp_path):
         load_bundle(TINY_SD, tmp_path / "d")
 
 
+@pytest.mark.slow  # a subprocess or seconds of waiting: the whole suite, not the fast lane
 def test_generate_with_model_decoder_from_the_config(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(f"model:\n  path: {TINY_SD}\n  decoder: {TINY_DECODER}\n")
