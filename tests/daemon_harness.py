@@ -7,6 +7,7 @@ arrived) with a deadline instead of sleeping; every process is killed in a final
 from __future__ import annotations
 
 import getpass
+from contextlib import contextmanager
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -407,3 +408,17 @@ def listeners():
     yield make
     for listener in made:
         listener.close()
+
+
+@contextmanager
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of ``size`` that fills up (needs mount rights, e.g. root in a container)."""
+    folder.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

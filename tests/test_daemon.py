@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon_harness import (broker, daemons, images_by_job, listeners, needs_mosquitto, short_dir,  # noqa: F401
+from daemon_harness import (broker, daemons, images_by_job, listeners, mounted_tmpfs, needs_mosquitto, short_dir,  # noqa: F401
                             topic_is, wait_until)
 from edge import disk, inputs
 from edge.config import load_config
@@ -291,15 +291,9 @@ def test_free_space_floor_fails_the_job_with_a_clear_error_and_the_daemon_stays_
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    """A 1 MB tmpfs: a real filesystem that fills up (needs mount rights, e.g. root in a container)."""
-    mountpoint = tmp_path / "disk"
-    mountpoint.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    """A 1 MB tmpfs: a real filesystem that fills up."""
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mountpoint:
+        yield mountpoint
 
 
 def test_a_full_disk_fails_the_job_and_the_next_one_succeeds_once_there_is_room(daemons, tiny_disk):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import yaml
-from daemon_harness import (TIMEOUT_SCALE, broker, daemons, listeners, needs_mosquitto, response_props,  # noqa: F401
+from daemon_harness import (TIMEOUT_SCALE, broker, daemons, listeners, mounted_tmpfs, needs_mosquitto, response_props,  # noqa: F401
                             topic_is, wait_until)
 from edge.comms.mqtt import MqttFrontEnd
 from edge.config import load_config
@@ -147,14 +147,8 @@ def test_a_resubmitted_id_is_answered_on_the_new_senders_response_topic(broker, 
 # --- 4. the journal's disk full: busy, unacknowledged, taken by itself once there is room ---------------
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    mountpoint = tmp_path / "state-disk"
-    mountpoint.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    yield mountpoint
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    with mounted_tmpfs(tmp_path / "state-disk", "4m") as mountpoint:
+        yield mountpoint
 
 
 def fill(folder):
