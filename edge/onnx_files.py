@@ -36,8 +36,9 @@ def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(field number, start, end) of each length-delimited field of one message; others skipped."""
+def _walk(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, a, b) of each field of one message: a length-delimited field's
+    (start, end), a varint's (value, 0); fixed-width fields (unused by what we read) are skipped."""
     pos = start
     while pos < end:
         key, pos = _varint(buf, pos)
@@ -46,14 +47,20 @@ def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int,
             length, pos = _varint(buf, pos)
             if pos + length > end:
                 raise ValueError("field runs past its message")
-            yield key >> 3, pos, pos + length
+            yield key >> 3, wire, pos, pos + length
             pos += length
         elif wire == VARINT:
-            _, pos = _varint(buf, pos)
+            value, pos = _varint(buf, pos)
+            yield key >> 3, wire, value, 0
         elif wire in (FIXED64, FIXED32):
             pos += 8 if wire == FIXED64 else 4
         else:
             raise ValueError(f"wire type {wire} is not used by ONNX")
+
+
+def _fields(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of one message."""
+    return ((field, a, b) for field, wire, a, b in _walk(buf, start, end) if wire == LENGTH)
 
 
 def _tensor_locations(buf: mmap.mmap | bytes, start: int, end: int) -> Iterator[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BundleError
-from .onnx_files import FIXED32, FIXED64, LENGTH, MODEL_GRAPH, VARINT, _fields, _varint
+from .onnx_files import MODEL_GRAPH, VARINT, _fields, _varint, _walk
 
 GRAPH_NODE, GRAPH_INITIALIZER = 1, 5
 NODE_INPUT, NODE_OUTPUT, NODE_NAME, NODE_OP_TYPE, NODE_ATTRIBUTE = 1, 2, 3, 4, 5
@@ -85,31 +85,25 @@ class Graph:
         return np.frombuffer(data, dtype).reshape(init.dims).copy()
 
 
+def _signed(value: int) -> int:
+    """int64 fields travel as 64-bit two's complement varints."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def _packed_varints(data: bytes) -> list[int]:
     values, pos = [], 0
     while pos < len(data):
         value, pos = _varint(data, pos)
-        values.append(value - (1 << 64) if value >= 1 << 63 else value)
+        values.append(_signed(value))
     return values
 
 
 def _scalars(buf, start: int, end: int) -> dict[int, list[int]]:
     """The varint fields of one message (``_fields`` yields only the length-delimited ones)."""
     out: dict[int, list[int]] = {}
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        wire = key & 7
+    for number, wire, value, _ in _walk(buf, start, end):
         if wire == VARINT:
-            value, pos = _varint(buf, pos)
-            out.setdefault(key >> 3, []).append(value - (1 << 64) if value >= 1 << 63 else value)
-        elif wire == LENGTH:
-            length, pos = _varint(buf, pos)
-            pos += length
-        elif wire in (FIXED64, FIXED32):
-            pos += 8 if wire == FIXED64 else 4
-        else:
-            raise ValueError(f"wire type {wire} is not used by ONNX")
+            out.setdefault(number, []).append(_signed(value))
     return out
 
 
