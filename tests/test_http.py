@@ -4,6 +4,7 @@ webuiapi (AUTOMATIC1111's API), openai (OpenAI's), and the standard library's ht
 import base64
 import io
 import json
+import signal
 import socket
 import time
 import urllib.request
@@ -11,6 +12,7 @@ import urllib.request
 import numpy as np
 import pytest
 import webuiapi
+import yaml
 from openai import OpenAI
 from PIL import Image
 
@@ -289,3 +291,35 @@ def test_a_non_loopback_style_bind_needs_the_token(daemons, tmp_path):
     assert a1111.txt2img(prompt="a gear", steps=2, width=128, height=128).images
     openai = OpenAI(base_url=f"{d.url}/v1", api_key=token, max_retries=0)
     assert openai.images.generate(prompt="a nut", size="128x128").data[0].b64_json
+
+
+def test_a_chunked_body_over_the_limit_gets_413_without_being_read_whole(daemon, api):
+    limits = api.get("/api/config")[1]["limits"]
+    limit = 32768 + 2 * 4 * -(-limits["max_image_bytes"] // 3)  # http.max_body_bytes + two images in base64
+    with socket.create_connection(("127.0.0.1", daemon.http_port), timeout=30) as conn:
+        conn.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b'{"prompt": "' + b"x" * limit
+        conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))  # no length up front; past the limit it stops
+        reply = conn.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert '"field": "payload"' in reply and "over the limit" in reply
+    assert_healthy(api)
+
+
+def test_sighup_limits_and_defaults_reach_the_page_and_the_compatible_apis(daemons):
+    d = daemons("http-hup").start()
+    api = Http(d.url)
+    assert api.get("/api/config")[1]["limits"]["max_steps"] == 150
+    config = yaml.safe_load(d.config_path.read_text())
+    config["limits"], config["defaults"] = {"max_steps": 10}, {"steps": 6}
+    d.config_path.write_text(yaml.safe_dump(config))
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload: applied" in d.log(), 30, "the reload")
+    page = api.get("/api/config")[1]
+    assert page["limits"]["max_steps"] == 10 and page["defaults"]["steps"] == 6  # what the page's form draws
+    status, body, _ = api.post("/sdapi/v1/txt2img", {"prompt": "a gear", "steps": 20})
+    assert status == 400 and body["field"] == "steps" and "between 1 and 10" in body["error"], body
+    status, body, _ = api.post("/api/jobs", {"prompt": "a gear"})
+    assert status == 202 and api.wait_state(body["id"], ("done",))["job"]["job"]["steps"] == 6
+    assert d.alive() and "degraded" in api.get("/api/status")[1] and api.get("/api/status")[1]["degraded"] == []

@@ -124,7 +124,7 @@ class RequestTopics:
 
     def _history(self, message: mqtt.MQTTMessage, reply: dict[str, Any]) -> bool:
         try:  # empty, or {"limit": N, "before": ID}
-            request = decode_payload(message.payload, self.front.config.limits) if message.payload.strip() else {}
+            request = decode_payload(message.payload, self.front.service.config.limits) if message.payload.strip() else {}
         except ValidationError as exc:
             body = error_body(str(exc), None, exc.field)
         else:

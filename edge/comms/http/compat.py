@@ -64,13 +64,12 @@ class Compat:
     def __init__(self, front: HttpFrontEnd):
         self.front = front
         self.service = front.service
-        # the mapped job is small whatever the client sent by habit: bound the request by the body limit
-        self.limits = replace(front.config.limits, max_payload_bytes=front.body_limit)
-
     async def _object(self, request: web.Request) -> dict[str, Any]:
         raw = await self.front.body(request)
+        # the mapped job is small whatever the client sent by habit: bound the request by the body limit
+        limits = replace(self.front.config.limits, max_payload_bytes=self.front.body_limit)
         try:
-            return decode_payload(raw, self.limits)
+            return decode_payload(raw, limits)
         except ValidationError as exc:
             raise self._error(400, str(exc), exc.field, request) from None
 

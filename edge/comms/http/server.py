@@ -70,20 +70,29 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+async def read_at_most(request: web.Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it passes ``limit`` bytes (a chunked body has no length to check first)."""
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class HttpFrontEnd:
     """Binds at construction (a taken port fails the start), serves after :meth:`start`."""
 
     def __init__(self, config: Config, service: Service):
-        self.config, self.service = config, service
-        self.http = config.http
+        self.service = service
+        self.http = config.http  # needs a restart to change, unlike the limits and defaults (self.config)
         self.token = read_token(self.http.token_file)
         self.out_dir = service.out_dir.resolve()
         self.loop = asyncio.new_event_loop()
         self.watchers = Watchers(self.loop, service, service.runner.preview, self.http.preview_every)
-        # edit jobs carry their images: room for two at limits.max_image_bytes beyond http.max_body_bytes
-        limits = config.limits
-        self.body_limit = self.http.max_body_bytes + limits.max_request_bytes - limits.max_payload_bytes
-        self.app = web.Application(client_max_size=self.body_limit, middlewares=[self._guard])
+        # body() bounds every body by the live limits itself (they change on SIGHUP)
+        self.app = web.Application(middlewares=[self._guard])
         self._routes()
         compat.add_routes(self.app, self)
         # keepalive_timeout also runs from the connection's start: a client that never finishes its
@@ -103,11 +112,22 @@ class HttpFrontEnd:
         log.info("HTTP on http://%s:%d/ (%s)", self.http.host, self.http.port,
                  "bearer token required" if self.token else "no token")
         self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+
+    @property
+    def config(self) -> Config:
+        """The service's config: a SIGHUP's limits and defaults show here at once."""
+        return self.service.config
+
+    @property
+    def body_limit(self) -> int:
+        """Edit jobs carry their images: room for two at limits.max_image_bytes beyond http.max_body_bytes."""
+        limits = self.config.limits
+        return self.http.max_body_bytes + limits.max_request_bytes - limits.max_payload_bytes
 
     # --- FrontEnd ---------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.loop.run_forever, name="http", daemon=True)
-        self._thread.start()
+        self._thread = self.service.supervisor.spawn("http", self.loop.run_forever, self._closing)
 
     def stop_accepting(self) -> None:
         """Nothing to close yet: the service answers submissions "stopping" (503), reads go on."""
@@ -115,6 +135,7 @@ class HttpFrontEnd:
     def close(self) -> None:
         if self._thread is None:
             return
+        self._closing.set()
         try:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
         except Exception:
@@ -135,13 +156,13 @@ class HttpFrontEnd:
                                             f"(http.max_body_bytes, plus two images of limits.max_image_bytes)",
                                             None, "payload"))
         try:
-            raw = await asyncio.wait_for(request.read(), self.http.request_timeout)
+            raw = await asyncio.wait_for(read_at_most(request, limit), self.http.request_timeout)
         except asyncio.TimeoutError:
             raise HttpError(408, error_body(f"payload: not received within {self.http.request_timeout:g} s "
                                             f"(http.request_timeout)", None, "payload")) from None
-        except web.HTTPRequestEntityTooLarge:
+        if raw is None:
             raise HttpError(413, error_body(f"payload: is over the limit of {limit} bytes (http.max_body_bytes, "
-                                            f"plus two images)", None, "payload")) from None
+                                            f"plus two images)", None, "payload"))
         if len(raw) > self.http.max_body_bytes and b'"init_image' not in raw:  # the room is for images only
             raise HttpError(413, error_body(f"payload: is {len(raw)} bytes, the limit is {self.http.max_body_bytes} "
                                             f"(http.max_body_bytes)", None, "payload"))
