@@ -184,7 +184,11 @@ class LoraRuntime:
                                                 if component in active else None)
         else:
             self.release()
-            sessions = {} if not active else self._cached(key) or self._build(key, active)
+            sessions = self._cached(key) if active else {}
+            if sessions is None:
+                for component in LORA_COMPONENTS:  # an evicted active set must not outlive the new set's build
+                    self._model(component).use(None)
+                sessions = self._build(key, active)
             for component in LORA_COMPONENTS:
                 self._model(component).use(sessions.get(component))
         self.switch_seconds = {c: time.perf_counter() - t0 if c in active else 0.0 for c in LORA_COMPONENTS}
@@ -196,6 +200,12 @@ class LoraRuntime:
             for component in LORA_COMPONENTS:
                 self._model(component).use(None)
             self._uncached = False
+            trim_heap()
+
+    def drop_cache(self) -> None:
+        """Free every cached set's sessions (those of the active set stay until it changes)."""
+        if self._sessions:
+            self._sessions.clear()
             trim_heap()
 
     def _model(self, component: str) -> OnnxModel:
@@ -226,9 +236,8 @@ class LoraRuntime:
     def _room_for(self, need: int) -> None:
         """The live budget must hold the new set; cached sets are freed for it before giving up."""
         headroom = self.pipeline.headroom or 0
-        if read_budget(headroom).bytes < need and self._sessions:
-            self._sessions.clear()
-            trim_heap()
+        if read_budget(headroom).bytes < need:
+            self.drop_cache()
         budget = read_budget(headroom)
         if budget.bytes < need:
             raise MemoryBudgetError(f"not enough free memory for the sessions of this LoRA set: they need "
