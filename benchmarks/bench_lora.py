@@ -26,7 +26,7 @@ from edge.bundle import load_bundle  # noqa: E402
 from edge.config import LoraConfig  # noqa: E402
 from edge.jobs import LoraRef  # noqa: E402
 from edge.lora_graph import weight_map  # noqa: E402
-from edge.memory import MB, fixed_plan, lora_set_bytes  # noqa: E402
+from edge.memory import MB, fixed_plan, load_manifest, lora_set_bytes  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
 from edge.providers import RuntimeOptions, make_session  # noqa: E402
 from lora_files import random_kohya_lora  # noqa: E402
@@ -95,7 +95,7 @@ def main() -> None:
     for key, values in times.items():
         median = statistics.median(values)
         print(f"  {key:20s} median {median * 1000:8.1f} ms  ({median / cold:.2f}x a cold UNet session)")
-    estimate = lora_set_bytes(bundle, precisions) / MB
+    estimate = lora_set_bytes(bundle, load_manifest(bundle), precisions) / MB
     print(f"  RSS: {rss['before']:.0f} MB before, {rss['first set']:.0f} MB with the first set "
           f"({rss['first set'] - rss['before']:.0f} MB), {rss['end']:.0f} MB at the end with {cached} cached "
           f"({(rss['end'] - rss['before']) / max(1, cached):.1f} MB a set); the memory plan's estimate "

@@ -33,7 +33,7 @@ from .errors import BundleError, MemoryBudgetError, ValidationError
 from .job_loras import LoraRef
 from .lora import LORA_COMPONENTS, LoraFile, LoraLayer, match_layers
 from .lora_graph import WeightRef, weight_map
-from .memory import MB, lora_set_bytes, read_budget, trim_heap
+from .memory import MB, load_manifest, lora_set_bytes, read_budget, trim_heap
 
 if TYPE_CHECKING:
     from .pipeline import OnnxModel, Pipeline
@@ -223,7 +223,8 @@ class LoraRuntime:
         """New sessions for a set: the oldest cached sets evicted first so that the cache keeps its count."""
         while self._sessions and len(self._sessions) >= max(1, self.cache_sets):
             self._sessions.popitem(last=False)
-        need = lora_set_bytes(self.pipeline.bundle, self.pipeline.plan.precisions, tuple(active))
+        bundle = self.pipeline.bundle
+        need = lora_set_bytes(bundle, load_manifest(bundle), self.pipeline.plan.precisions, tuple(active))
         if self.pipeline.headroom is not None:
             self._room_for(need)
         sessions = {c: self._model(c).new_session(self._fused(c, a)) for c, a in active.items()}

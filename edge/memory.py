@@ -20,8 +20,8 @@ external-data files it names: weights plus ONNX Runtime's pre-packed copies and 
 and the plan says so.
 
 The plan also budgets the LoRA session cache (:mod:`edge.lora_apply`): a cached LoRA set holds its
-own UNet and text encoder sessions, weights and pre-packed copies (twice the bytes each model loads;
-the activations are the base sessions', only one session runs at a time), so as many sets are kept
+own UNet and text encoder sessions, weights and pre-packed copies (about twice the bytes of each FP32
+model; the activations are the base sessions', only one session runs at a time), so as many sets are kept
 as ``lora.cache_sessions`` asks and the budget left beyond the tier's footprint holds; on a bundle
 whose UNet is GBs that is often none, and a LoRA job then builds its sessions and releases them.
 """
@@ -170,14 +170,23 @@ def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:
     return Plan(tier, precisions, need, lowmem, all(m for _, m in sizes), "")
 
 
-def lora_set_bytes(bundle: Bundle, precisions: dict[str, str], components: tuple[str, ...] = LORA_COMPONENTS) -> int:
-    """What the sessions of one LoRA set hold: each changed component's weights and pre-packed copies."""
-    return sum(model_bytes(bundle.components[c].variants[precisions[c]]) * ESTIMATE_FACTOR for c in components)
+def lora_set_bytes(bundle: Bundle, manifest: dict, precisions: dict[str, str],
+                   components: tuple[str, ...] = LORA_COMPONENTS) -> int:
+    """What the sessions of one LoRA set hold: per changed component at most twice its FP32 file (ONNX
+    Runtime folds FP16 casts and INT8 dequantization of weights it has no kernel for into FP32
+    constants: 20.1 and 19.2 MB a set on the embedded model against 23.2 MB for FP32), and at most
+    the variant's measured peak where ``profile`` measured one."""
+    total = 0
+    for c in components:
+        bound = model_bytes(bundle.components[c].variants["fp32"]) * ESTIMATE_FACTOR
+        peak, measured = footprint(bundle, manifest, c, precisions[c])
+        total += min(peak, bound) if measured else bound
+    return total
 
 
-def lora_cache(bundle: Bundle, plan: Plan, budget: Budget, wanted: int) -> LoraCache:
+def lora_cache(bundle: Bundle, manifest: dict, plan: Plan, budget: Budget, wanted: int) -> LoraCache:
     """As many of ``wanted`` cached LoRA sets as the budget left beyond the plan's footprint holds."""
-    set_bytes = lora_set_bytes(bundle, plan.precisions)
+    set_bytes = lora_set_bytes(bundle, manifest, plan.precisions)
     if plan.lowmem:
         return LoraCache(0, set_bytes, "none: the int8-lowmem tier builds its sessions per use")
     spare = max(0, budget.bytes - plan.footprint)
@@ -198,7 +207,7 @@ def choose_plan(bundle: Bundle, budget: Budget, requested: str = "auto", lora_se
             reason = (f"{plan.tier} needs {plan.footprint // MB} MB ({how}); budget {budget.describe()}"
                       + (" (asked for)" if requested != "auto" else ""))
             return Plan(plan.tier, plan.precisions, plan.footprint, plan.lowmem, plan.measured, reason,
-                        lora_cache(bundle, plan, budget, lora_sets))
+                        lora_cache(bundle, manifest, plan, budget, lora_sets))
     smallest = min(plans, key=lambda p: p.footprint)
     raise MemoryBudgetError(
         f"model.precision: the {smallest.tier} tier of {bundle.root} needs {smallest.footprint // MB} MB "

@@ -13,7 +13,7 @@ from edge.bundle import EMBEDDED_MODEL, load_bundle
 from edge.config import LoraConfig
 from edge.errors import ValidationError
 from edge.jobs import Job, Limits, LoraRef, parse_job
-from edge.memory import MB, fixed_plan, lora_set_bytes
+from edge.memory import MB, fixed_plan, load_manifest, lora_set_bytes
 from edge.output import parse_parameters, save_result
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions
@@ -234,7 +234,8 @@ def test_doctor_lists_the_loras_and_what_each_fits(tmp_path):
                           text=True, timeout=120, cwd="/")
     report = json.loads(proc.stdout)
     cache, found = report["lora_cache"], report["loras"]["found"]
-    assert cache["mb_per_set"] == lora_set_bytes(load_bundle(EMBEDDED_MODEL), report["precision"]["components"]) // MB
+    bundle = load_bundle(EMBEDDED_MODEL)
+    assert cache["mb_per_set"] == lora_set_bytes(bundle, load_manifest(bundle), report["precision"]["components"]) // MB
     assert 0 <= cache["sets"] <= 3 and "lora.cache_sessions 3" in cache["reason"]
     assert found["parts"]["fits"] == {"text_encoder": "2 layers", "unet": "5 layers"}
     assert found["parts"]["sha256"] == __import__("hashlib").sha256((folder / "parts.safetensors").read_bytes()).hexdigest()

@@ -1,6 +1,5 @@
 """The memory plan budgets the LoRA session cache: real sessions of the embedded model."""
 
-import json
 import weakref
 
 import numpy as np
@@ -10,7 +9,7 @@ from edge.bundle import EMBEDDED_MODEL, load_bundle
 from edge.config import LoraConfig
 from edge.errors import MemoryBudgetError
 from edge.jobs import LoraRef, parse_job
-from edge.memory import Budget, choose_plan, lora_set_bytes, tier_plan
+from edge.memory import Budget, choose_plan, load_manifest, lora_set_bytes, tier_plan
 from edge.onnx_files import model_bytes
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions
@@ -28,15 +27,24 @@ def loras(tmp_path_factory):
     return folder
 
 
+MANIFEST = load_manifest(BUNDLE)
+
+
 def budget_for(tier: str, sets: float) -> Budget:
     """A budget with room for the tier and ``sets`` LoRA sets beyond it."""
-    plan = tier_plan(BUNDLE, json.loads((BUNDLE.root / "variants.json").read_text()), tier)
-    return Budget(plan.footprint + int(sets * lora_set_bytes(BUNDLE, plan.precisions)), None, 0)
+    plan = tier_plan(BUNDLE, MANIFEST, tier)
+    return Budget(plan.footprint + int(sets * lora_set_bytes(BUNDLE, MANIFEST, plan.precisions)), None, 0)
 
 
-def test_a_set_costs_the_unet_and_text_encoder_weights_twice():
-    expected = 2 * sum(model_bytes(BUNDLE.components[c].variants["int8"]) for c in ("unet", "text_encoder"))
-    assert lora_set_bytes(BUNDLE, {"unet": "int8", "text_encoder": "int8"}) == expected
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_a_set_costs_twice_the_fp32_files_or_the_measured_peak_if_smaller(precision):
+    fp32 = {c: 2 * model_bytes(BUNDLE.components[c].variants["fp32"]) for c in ("unet", "text_encoder")}
+    both = {"unet": precision, "text_encoder": precision}
+    assert lora_set_bytes(BUNDLE, {}, both) == sum(fp32.values())  # nothing measured
+    peaks = {c: MANIFEST["components"][c][precision]["peak_rss_bytes"] for c in fp32}
+    assert lora_set_bytes(BUNDLE, MANIFEST, both) == sum(min(fp32[c], peaks[c]) for c in fp32)
+    small = {"components": {c: {precision: {"peak_rss_bytes": 1000}} for c in fp32}}
+    assert lora_set_bytes(BUNDLE, small, both) == 2000
 
 
 @pytest.mark.parametrize("tier, room, wanted, sets", [
