@@ -6,7 +6,8 @@ A seeded kohya LoRA of the given rank on every attention projection, feed-forwar
 the UNet (and the text encoder's attention) is written for the model; then, run by run and interleaved:
 a cold UNet session (``make_session``, with no LoRA set cached), a switch to a LoRA set not seen before
 (weights fused, new UNet and text encoder sessions), back to no LoRA, back to that set (cached), and a
-switch of strength only (also a new set). RSS (VmRSS) is read before the first set, after it, and at the
+switch of strength only (also a new set); then the UNet's fusing alone (W' computed, re-quantized for
+INT8: the arithmetic of a switch without its sessions). RSS (VmRSS) is read before the first set, after it, and at the
 end with the sets the cache holds (``--cache-sets``, default all of them: 1 for a bundle of GBs).
 """
 
@@ -25,6 +26,7 @@ from benchmarks_common import machine  # noqa: E402
 from edge.bundle import load_bundle  # noqa: E402
 from edge.config import LoraConfig  # noqa: E402
 from edge.jobs import LoraRef  # noqa: E402
+from edge.lora_apply import fused_initializers  # noqa: E402
 from edge.lora_graph import weight_map  # noqa: E402
 from edge.memory import MB, fixed_plan, load_manifest, lora_set_bytes  # noqa: E402
 from edge.pipeline import Pipeline  # noqa: E402
@@ -69,7 +71,7 @@ def main() -> None:
         pipe = Pipeline(bundle, runtime, fixed_plan(precisions), lora=LoraConfig(dir=tmp, cache_sessions=cache))
         pipe.lora.check((LoraRef("a"), LoraRef("b")))
         times: dict[str, list[float]] = {k: [] for k in ("cold UNet session", "new LoRA set", "back to no LoRA",
-                                                         "cached set", "strength change")}
+                                                         "cached set", "strength change", "UNet fusing only")}
         rss = {"before": rss_mb()}
         for run in range(args.runs):
             if args.cache_sets is not None:  # a bundle of GBs: only the base sessions while the cold one is built
@@ -87,6 +89,9 @@ def main() -> None:
                 times[key].append(time.perf_counter() - t0)
                 if run == 0 and key == "new LoRA set":
                     rss["first set"] = rss_mb()
+            t0 = time.perf_counter()  # the arithmetic of a switch, without the sessions
+            fused_initializers(unet_file, bundle.components["unet"].path, pipe.lora._active(loras, "unet"))
+            times["UNet fusing only"].append(time.perf_counter() - t0)
         rss["end"], cached = rss_mb(), len(pipe.lora._sessions)
     print(f"machine: {machine()}")
     print(f"model: {bundle.root.name} {args.precision}; LoRA rank {args.rank} on {len(modules)} layers, "
