@@ -206,8 +206,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     budget = read_budget(config.memory.headroom_mb * MB)
     info["memory_budget"] = budget.describe()
     try:
-        plan = choose_plan(bundle, budget, config.model.precision)
+        plan = choose_plan(bundle, budget, config.model.precision, config.lora.cache_sessions)
         info["precision"] = {"tier": plan.tier, "components": plan.precisions, "reason": plan.reason}
+        info["lora_cache"] = {"sets": plan.lora.sets, "mb_per_set": plan.lora.set_bytes // MB,
+                              "reason": plan.lora.reason}
     except EdgeError as exc:
         info["precision"] = {"error": str(exc)}
     info["model"] = bundle.summary()

@@ -60,7 +60,7 @@ class MemoryConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     dir: str | None = None  # None: the model bundle's loras/ folder
-    cache_sessions: int = 2  # sessions of recent LoRA sets kept, within the memory budget
+    cache_sessions: int = 2  # most LoRA sets kept loaded; the memory plan budgets fewer where they do not fit
 
 
 @dataclass(frozen=True)

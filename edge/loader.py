@@ -24,6 +24,6 @@ def load_pipeline(config: Config) -> Pipeline:
     """The configured bundle at the most faithful precision tier that fits the memory budget."""
     bundle = load_bundle(config.model.path, config.model.decoder)
     headroom = config.memory.headroom_mb * MB
-    plan = choose_plan(bundle, read_budget(headroom), config.model.precision)
-    log.info("precision tier %s: %s", plan.tier, plan.reason)
+    plan = choose_plan(bundle, read_budget(headroom), config.model.precision, config.lora.cache_sessions)
+    log.info("precision tier %s: %s; LoRA sessions cached: %s", plan.tier, plan.reason, plan.lora.reason)
     return Pipeline(bundle, config.runtime, plan, headroom, config.lora)

@@ -7,9 +7,13 @@ INT8 variants get W' re-quantized the way ``edge-imagegen quantize`` made them (
 per channel for static QDQ, one scale per tensor for dynamic MatMulInteger), with new scales (and, for
 a static layer's int32 bias, its scale = input scale x weight scale, the bias re-quantized to match).
 
-Sessions of recent LoRA sets stay cached, as many as ``lora.cache_sessions`` and the memory budget
-allow (each costs about the component's footprint); the int8-lowmem tier builds its sessions per use
-anyway and caches none. No LoRA, or every strength 0, runs the base session itself.
+Sessions of recent LoRA sets stay cached, as many as the memory plan budgets (``Plan.lora``: at most
+``lora.cache_sessions``, fewer where the budget beyond the tier holds fewer; a plan not chosen from a
+budget keeps ``lora.cache_sessions``). With no room for a cached set, a LoRA job builds its sessions
+and releases them after the job; the int8-lowmem tier builds its sessions per use anyway. Before
+building, the oldest sets are evicted so that the new one keeps the count, and the live budget must
+hold the new set (else the job fails with the figures). No LoRA, or every strength 0, runs the base
+sessions themselves.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .errors import BundleError, MemoryBudgetError, ValidationError
 from .job_loras import LoraRef
 from .lora import LORA_COMPONENTS, LoraFile, LoraLayer, match_layers
 from .lora_graph import WeightRef, weight_map
-from .memory import MB, footprint, load_manifest, read_budget
+from .memory import MB, load_manifest, lora_set_bytes, read_budget, trim_heap
 
 if TYPE_CHECKING:
     from .pipeline import OnnxModel, Pipeline
@@ -132,9 +136,12 @@ class LoraRuntime:
     """The LoRA side of one :class:`~edge.pipeline.Pipeline`: checks at submit, sessions per LoRA set."""
 
     def __init__(self, pipeline: Pipeline, library: LoraLibrary, cache_sessions: int = 2):
-        self.pipeline, self.library, self.cache_sessions = pipeline, library, cache_sessions
+        self.pipeline, self.library = pipeline, library
+        plan = pipeline.plan
+        self.cache_sets = plan.lora.sets if plan.lora is not None else cache_sessions
         self._targets: dict[tuple[str, str, str], list[Target]] = {}  # (lora sha, component) -> targets
-        self._sessions: OrderedDict[tuple, Any] = OrderedDict()  # (component, LoRA set) -> session
+        self._sessions: OrderedDict[tuple, dict[str, Any]] = OrderedDict()  # LoRA set -> component -> session
+        self._uncached = False  # the active set's sessions are not in the cache: release them after the job
         self.switch_seconds: dict[str, float] = {}  # what the last activation cost, per component
 
     def _component_files(self, component: str) -> tuple[Path, Path]:
@@ -168,42 +175,76 @@ class LoraRuntime:
 
     def activate(self, loras: tuple[LoraRef, ...]) -> None:
         """Point the text encoder and UNet at sessions with these LoRAs fused (none: the base ones)."""
-        for component in LORA_COMPONENTS:
-            model: OnnxModel = getattr(self.pipeline, component)
-            t0 = time.perf_counter()
-            active = self._active(loras, component)
-            if not active:
-                model.override(None) if self.pipeline.plan.lowmem else model.use(None)
-                self.switch_seconds[component] = 0.0
-                continue
-            key = (component, tuple((self.library.get(r.name).sha256, r.strength) for r in loras if r.strength))
-            path, fp32 = self._component_files(component)
-            if self.pipeline.plan.lowmem:  # sessions are built per use: hand over the initializers
-                model.override(fused_initializers(path, fp32, active))
-            elif key in self._sessions:
-                self._sessions.move_to_end(key)
-                model.use(self._sessions[key])
-            else:
-                self._make_room(component)
-                session = model.new_session(fused_initializers(path, fp32, active))
-                self._sessions[key] = session
-                model.use(session)
-            self.switch_seconds[component] = time.perf_counter() - t0
-            log.debug("%s: LoRA set %s active in %.3f s", component, key[1], self.switch_seconds[component])
+        t0 = time.perf_counter()
+        active = {c: a for c in LORA_COMPONENTS if (a := self._active(loras, c))}
+        key = tuple((self.library.get(r.name).sha256, r.strength) for r in loras if r.strength)
+        if self.pipeline.plan.lowmem:  # sessions are built per use: hand over the initializers
+            for component in LORA_COMPONENTS:
+                self._model(component).override(self._fused(component, active[component])
+                                                if component in active else None)
+        else:
+            self.release()
+            sessions = self._cached(key) if active else {}
+            if sessions is None:
+                for component in LORA_COMPONENTS:  # an evicted active set must not outlive the new set's build
+                    self._model(component).use(None)
+                sessions = self._build(key, active)
+            for component in LORA_COMPONENTS:
+                self._model(component).use(sessions.get(component))
+        self.switch_seconds = {c: time.perf_counter() - t0 if c in active else 0.0 for c in LORA_COMPONENTS}
+        log.debug("LoRA set %s active in %.3f s", key, time.perf_counter() - t0)
 
-    def _make_room(self, component: str) -> None:
-        """Evict cached sessions until one more fits the count and the memory budget."""
-        pipeline = self.pipeline
-        need, _ = footprint(pipeline.bundle, load_manifest(pipeline.bundle), component,
-                            pipeline.plan.precisions[component])
-        headroom = pipeline.headroom or 0
-        while self._sessions and (len(self._sessions) >= self.cache_sessions
-                                  or read_budget(headroom).bytes < need):
-            self._sessions.popitem(last=False)
-        if pipeline.headroom is not None and read_budget(headroom).bytes < need:
-            raise MemoryBudgetError(f"not enough free memory for a {component} session with this LoRA set: it "
-                                    f"needs {need // MB} MB beyond the headroom; budget "
-                                    f"{read_budget(headroom).describe()}")
+    def release(self) -> None:
+        """After a job: the sessions of a set the cache has no room for go, the base ones come back."""
+        if self._uncached:
+            for component in LORA_COMPONENTS:
+                self._model(component).use(None)
+            self._uncached = False
+            trim_heap()
+
+    def drop_cache(self) -> None:
+        """Free every cached set's sessions (those of the active set stay until it changes)."""
+        if self._sessions:
+            self._sessions.clear()
+            trim_heap()
+
+    def _model(self, component: str) -> OnnxModel:
+        return getattr(self.pipeline, component)
+
+    def _fused(self, component: str, active: list[tuple[Target, float]]) -> dict[str, np.ndarray]:
+        return fused_initializers(*self._component_files(component), active)
+
+    def _cached(self, key: tuple) -> dict[str, Any] | None:
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+        return self._sessions.get(key)
+
+    def _build(self, key: tuple, active: dict[str, list[tuple[Target, float]]]) -> dict[str, Any]:
+        """New sessions for a set: the oldest cached sets evicted first so that the cache keeps its count."""
+        if self._sessions and len(self._sessions) >= max(1, self.cache_sets):
+            while self._sessions and len(self._sessions) >= max(1, self.cache_sets):
+                self._sessions.popitem(last=False)
+            trim_heap()  # what the evicted sessions held goes back to the kernel before the budget is read
+        bundle = self.pipeline.bundle
+        need = lora_set_bytes(bundle, load_manifest(bundle), self.pipeline.plan.precisions, tuple(active))
+        if self.pipeline.headroom is not None:
+            self._room_for(need)
+        sessions = {c: self._model(c).new_session(self._fused(c, a)) for c, a in active.items()}
+        if self.cache_sets:
+            self._sessions[key] = sessions
+        else:
+            self._uncached = True
+        return sessions
+
+    def _room_for(self, need: int) -> None:
+        """The live budget must hold the new set; cached sets are freed for it before giving up."""
+        headroom = self.pipeline.headroom or 0
+        if read_budget(headroom).bytes < need:
+            self.drop_cache()
+        budget = read_budget(headroom)
+        if budget.bytes < need:
+            raise MemoryBudgetError(f"not enough free memory for the sessions of this LoRA set: they need "
+                                    f"{need // MB} MB beyond the headroom; budget {budget.describe()}")
 
     def hashes(self, loras: tuple[LoraRef, ...]) -> dict[str, str]:
         return {r.name: self.library.get(r.name).sha256 for r in loras}

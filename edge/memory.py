@@ -18,6 +18,12 @@ A component's footprint is its peak RSS measured by ``edge-imagegen profile`` (v
 without a measurement it is estimated as twice the bytes the model loads (the graph file and the
 external-data files it names: weights plus ONNX Runtime's pre-packed copies and activations),
 and the plan says so.
+
+The plan also budgets the LoRA session cache (:mod:`edge.lora_apply`): a cached LoRA set holds its
+own UNet and text encoder sessions, weights and pre-packed copies (about twice the bytes of each FP32
+model; the activations are the base sessions', only one session runs at a time), so as many sets are kept
+as ``lora.cache_sessions`` asks and the budget left beyond the tier's footprint holds; on a bundle
+whose UNet is GBs that is often none, and a LoRA job then builds its sessions and releases them.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pathlib import Path
 
 from .bundle import COMPONENTS, OPTIONAL_COMPONENTS, Bundle
 from .errors import MemoryBudgetError
+from .lora import LORA_COMPONENTS
 from .onnx_files import model_bytes
 from .variants import read_manifest
 
@@ -65,6 +72,15 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class LoraCache:
+    """How many LoRA sets keep their sessions between jobs, and what one costs."""
+
+    sets: int
+    set_bytes: int  # the UNet and text encoder sessions of one set
+    reason: str
+
+
+@dataclass(frozen=True)
 class Plan:
     tier: str
     precisions: dict[str, str]  # component -> variant
@@ -72,6 +88,7 @@ class Plan:
     lowmem: bool
     measured: bool  # False: footprints estimated from file sizes
     reason: str
+    lora: LoraCache | None = None  # None: not chosen from a budget (lora.cache_sessions as configured)
 
 
 def fixed_plan(precisions: dict[str, str] | None = None, reason: str = "asked for") -> Plan:
@@ -153,8 +170,34 @@ def tier_plan(bundle: Bundle, manifest: dict, tier: str) -> Plan:
     return Plan(tier, precisions, need, lowmem, all(m for _, m in sizes), "")
 
 
-def choose_plan(bundle: Bundle, budget: Budget, requested: str = "auto") -> Plan:
-    """The most faithful tier that fits the budget (``auto``), or the requested one if it fits."""
+def lora_set_bytes(bundle: Bundle, manifest: dict, precisions: dict[str, str],
+                   components: tuple[str, ...] = LORA_COMPONENTS) -> int:
+    """What the sessions of one LoRA set hold: per changed component at most twice its FP32 file (ONNX
+    Runtime folds FP16 casts and INT8 dequantization of weights it has no kernel for into FP32
+    constants: 20.1 and 19.2 MB a set on the embedded model against 23.2 MB for FP32), and at most
+    the variant's measured peak where ``profile`` measured one."""
+    total = 0
+    for c in components:
+        bound = model_bytes(bundle.components[c].variants["fp32"]) * ESTIMATE_FACTOR
+        peak, measured = footprint(bundle, manifest, c, precisions[c])
+        total += min(peak, bound) if measured else bound
+    return total
+
+
+def lora_cache(bundle: Bundle, manifest: dict, plan: Plan, budget: Budget, wanted: int) -> LoraCache:
+    """As many of ``wanted`` cached LoRA sets as the budget left beyond the plan's footprint holds."""
+    set_bytes = lora_set_bytes(bundle, manifest, plan.precisions)
+    if plan.lowmem:
+        return LoraCache(0, set_bytes, "none: the int8-lowmem tier builds its sessions per use")
+    spare = max(0, budget.bytes - plan.footprint)
+    sets = min(wanted, spare // set_bytes)
+    return LoraCache(sets, set_bytes, f"{sets} of lora.cache_sessions {wanted}: {set_bytes // MB} MB a set, "
+                                      f"{spare // MB} MB of the budget left beyond the {plan.tier} tier")
+
+
+def choose_plan(bundle: Bundle, budget: Budget, requested: str = "auto", lora_sets: int = 0) -> Plan:
+    """The most faithful tier that fits the budget (``auto``), or the requested one if it fits, with
+    room for up to ``lora_sets`` cached LoRA sets where the rest of the budget holds them."""
     manifest = load_manifest(bundle)
     candidates = list(TIERS) if requested == "auto" else [requested]
     plans = [tier_plan(bundle, manifest, tier) for tier in candidates]
@@ -163,7 +206,8 @@ def choose_plan(bundle: Bundle, budget: Budget, requested: str = "auto") -> Plan
             how = "measured" if plan.measured else "estimated from file sizes; run `edge-imagegen profile`"
             reason = (f"{plan.tier} needs {plan.footprint // MB} MB ({how}); budget {budget.describe()}"
                       + (" (asked for)" if requested != "auto" else ""))
-            return Plan(plan.tier, plan.precisions, plan.footprint, plan.lowmem, plan.measured, reason)
+            return Plan(plan.tier, plan.precisions, plan.footprint, plan.lowmem, plan.measured, reason,
+                        lora_cache(bundle, manifest, plan, budget, lora_sets))
     smallest = min(plans, key=lambda p: p.footprint)
     raise MemoryBudgetError(
         f"model.precision: the {smallest.tier} tier of {bundle.root} needs {smallest.footprint // MB} MB "

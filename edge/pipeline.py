@@ -294,6 +294,13 @@ class Pipeline:
         if self.headroom is not None:
             ensure_room_for_job(self.plan, self.headroom)
         self.lora.activate(job.loras)
+        try:
+            return self._generate(job, edit, width, height, on_step, cancel)
+        finally:
+            self.lora.release()
+
+    def _generate(self, job: Job, edit: editing.Edit, width: int, height: int,
+                  on_step: Callable[[Step], None] | None, cancel: threading.Event | None) -> Result:
         scheduler = schedulers.from_config(self.bundle.scheduler_config, job.scheduler)
         timings: dict[str, float | list[float]] = {"steps": []}
         t0 = time.perf_counter()

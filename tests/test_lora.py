@@ -13,7 +13,7 @@ from edge.bundle import EMBEDDED_MODEL, load_bundle
 from edge.config import LoraConfig
 from edge.errors import ValidationError
 from edge.jobs import Job, Limits, LoraRef, parse_job
-from edge.memory import fixed_plan
+from edge.memory import MB, fixed_plan, load_manifest, lora_set_bytes
 from edge.output import parse_parameters, save_result
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions
@@ -229,10 +229,14 @@ def test_doctor_lists_the_loras_and_what_each_fits(tmp_path):
     random_kohya_lora(folder / "parts.safetensors", KNOLLING_MODULES, seed=3)
     shutil.copy(LORA_DIR / "kohya_sgm.safetensors", folder / "tiny.safetensors")
     config = tmp_path / "config.yaml"
-    config.write_text(f"lora:\n  dir: {folder}\n")
+    config.write_text(f"lora:\n  dir: {folder}\n  cache_sessions: 3\n")
     proc = subprocess.run([sys.executable, "-m", "edge.cli", "doctor", "--config", str(config)], capture_output=True,
                           text=True, timeout=120, cwd="/")
-    found = json.loads(proc.stdout)["loras"]["found"]
+    report = json.loads(proc.stdout)
+    cache, found = report["lora_cache"], report["loras"]["found"]
+    bundle = load_bundle(EMBEDDED_MODEL)
+    assert cache["mb_per_set"] == lora_set_bytes(bundle, load_manifest(bundle), report["precision"]["components"]) // MB
+    assert 0 <= cache["sets"] <= 3 and "lora.cache_sessions 3" in cache["reason"]
     assert found["parts"]["fits"] == {"text_encoder": "2 layers", "unet": "5 layers"}
     assert found["parts"]["sha256"] == __import__("hashlib").sha256((folder / "parts.safetensors").read_bytes()).hexdigest()
     assert "another architecture" in found["tiny"]["error"]

@@ -164,9 +164,20 @@ def test_kiosk_mode_at_800x480_examples_large_targets_and_idle_reset(daemon, bro
          and d.execute_script("return document.getElementById('result-image').naturalWidth") == 128,
          what="the kiosk result")
     assert el(browser, "again").is_displayed() and el(browser, "result-download").is_displayed()
+    assert not el(browser, "result-warnings").is_displayed()  # a prompt the model reads: nothing to say
     shots(browser, "kiosk-800x480-result")
     newest = Http(daemon.url).get("/api/jobs?limit=1")[1]["jobs"][0]
     assert newest["prompt"] == EXAMPLES[1] and newest["job"]["negative_prompt"] == "blurry, text"
+
+    # a prompt the model cannot read: the result says so (the vocabulary warning of CLI and API)
+    el(browser, "again").click()
+    el(browser, "prompt").send_keys("an astronaut riding a horse on the moon", Keys.ENTER)
+    wait(browser, lambda d: el(d, "result").is_displayed() and el(d, "result-warnings").is_displayed(),
+         what="the vocabulary warning")
+    warning = el(browser, "result-warnings").text
+    assert "unknown to knolling-tiny" in warning and "astronaut" in warning and "gear" in warning  # what it knows
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 800
+    shots(browser, "kiosk-800x480-warning")
 
     # nobody touches it: back to the start screen
     wait(browser, lambda d: not el(d, "result").is_displayed() and el(d, "prompt").get_attribute("value") == "",

@@ -330,8 +330,10 @@ def caption_words() -> set[str]:
 
 
 # --- scenes -----------------------------------------------------------------------------------
-def render(groups: tuple[Group, ...], layout: str, seed: int, caption: str | None = None) -> Scene:
-    """Draw the given groups (parts placed group by group) in the given layout."""
+def render(groups: tuple[Group, ...], layout: str, seed: int, caption: str | None = None,
+           ink: str | None = None) -> Scene:
+    """Draw the given groups (parts placed group by group) in the given layout; ``ink``: every part
+    in that one colour whatever the caption says (a style to train a LoRA on)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     rng = random.Random(f"render:{seed}")
@@ -355,6 +357,7 @@ def render(groups: tuple[Group, ...], layout: str, seed: int, caption: str | Non
     truth = []
     side = round(size * SCALE)
     for (part, colour), (cx, cy) in zip(items, centres):
+        colour = ink or colour
         tile = _tile(part, colour, side, turns[part])
         x, y = round(cx * SCALE - tile.width / 2), round(cy * SCALE - tile.height / 2)
         canvas.paste(tile, (x, y), tile)
@@ -378,11 +381,11 @@ def sample_groups(rng: random.Random, allow_held_out: bool = False) -> tuple[Gro
             return groups
 
 
-def scene(seed: int) -> Scene:
+def scene(seed: int, ink: str | None = None) -> Scene:
     """The training distribution: deterministic in ``seed``, never a held-out combination."""
     rng = random.Random(f"scene:{seed}")
     groups = sample_groups(rng)
-    return render(groups, rng.choice(LAYOUTS), seed)
+    return render(groups, rng.choice(LAYOUTS), seed, ink=ink)
 
 
 def grid(images: list[Image.Image], cols: int, pad: int = 4) -> Image.Image:

@@ -1,19 +1,25 @@
 """Train a LoRA for the embedded model (dev-time: torch, diffusers, peft, safetensors).
 
-``lines``: a line-drawing style for technical documents. The scenes of ``tools/scenes.py`` (the
-embedded model's own training distribution, same captions) are rendered, turned into black outlines on
-white, encoded with the knolling-tiny VAE encoder (ONNX, through onnxruntime: ``--encoder``, by default
-the bundle's ``vae_encoder/model.onnx``), and a rank-8 LoRA on the UNet's attention projections,
+``blueprint``: a single-ink style for technical documents: every part drawn in blue (fills, shades
+and dark outlines as usual) whatever colour the prompt names. The scenes of ``tools/scenes.py`` (the
+embedded model's own training distribution, same captions) are rendered in that one ink, encoded with
+the knolling-tiny VAE encoder (ONNX, through onnxruntime: ``--encoder``, by default the bundle's
+``vae_encoder/model.onnx``), and a rank-8 LoRA on the UNet's attention projections,
 ``proj_in``/``proj_out`` and resnet convs is trained on them with PEFT, the UNet itself frozen. The UNet
 is a diffusers UNet2DConditionModel of the bundle's config.json with the weights of the shipped
 ``unet/model.onnx`` (loaded through ``edge.lora_graph``'s map of module paths to initializers, checked
 against onnxruntime); text embeddings come from the shipped text encoder through onnxruntime.
 
-    nice -n 10 /work/devvenv/bin/python tools/train_knolling_lora.py --minutes 12 \\
-        --dest edge/models/knolling-tiny/loras/lines.safetensors --preview benchmarks/lora-lines.png
+Why not black line drawings: knolling-tiny's VAE only knows the scenes' saturated fills. Black
+outlines on white, grey scenes and pale fills all come back from an encode/decode round trip as
+coloured blobs (``--round-trip`` draws that check), so a UNet LoRA trained on them learns coloured
+blobs; what the decoder cannot draw, no UNet LoRA can ask it for.
 
-It writes kohya keys (``lora_unet_...``, with ``.alpha``), so A1111-style tools read the file too, and
-the before/after preview is drawn with edge-imagegen itself.
+    nice -n 10 /work/devvenv/bin/python tools/train_knolling_lora.py --minutes 20 \\
+        --dest edge/models/knolling-tiny/loras/blueprint.safetensors --preview docs/lora-blueprint.png
+
+It writes kohya keys (``lora_unet_...``, with ``.alpha``), so A1111-style tools read the file too (also
+every ``--save-minutes`` while training), and the before/after preview is drawn with edge-imagegen itself.
 """
 
 from __future__ import annotations
@@ -43,9 +49,8 @@ from edge.lora_graph import module_of, weight_map  # noqa: E402
 from edge.tokenizer import ClipTokenizer  # noqa: E402
 from make_lora_fixtures import to_kohya  # noqa: E402
 
-RANK = 8
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2"]
-PREVIEW_PROMPTS = ("knolling of 3 red gears", "exploded view of a blue battery and 2 orange washers",
+PREVIEW_PROMPTS = ("knolling of 3 red gears", "exploded view of a yellow battery and 2 orange washers",
                    "flat lay of a green chip and a purple spring")
 
 
@@ -96,13 +101,6 @@ def check_against_onnx(unet: UNet2DConditionModel, bundle) -> float:
     return float(np.abs(ours - theirs.numpy()).max())
 
 
-def line_drawing(image: Image.Image) -> Image.Image:
-    """Black outlines on white: the edges of the rendered parts, one pixel wide."""
-    grey = ImageOps.grayscale(image)
-    edges = grey.filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v > 40 else 0)
-    return ImageOps.invert(edges).convert("RGB")
-
-
 def encode_images(encoder: Path, images: list[Image.Image], scaling: float) -> np.ndarray:
     session = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
     pixels = np.stack([np.asarray(im, np.float32).transpose(2, 0, 1) / 127.5 - 1 for im in images])
@@ -118,6 +116,36 @@ def text_embeddings(bundle, captions: list[str]) -> np.ndarray:
                            for c in captions])
 
 
+def save(unet: UNet2DConditionModel, args: argparse.Namespace, step: int, loss: float) -> None:
+    peft = {f"unet.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    tensors = to_kohya(peft, sgm=False, unet_config=unet.config)
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        tensors[key] = torch.tensor(float(args.rank))
+    args.dest.parent.mkdir(parents=True, exist_ok=True)
+    recipe = {k: v for k, v in vars(args).items() if k not in ("dest", "work", "preview", "preview_only")}
+    save_file(tensors, args.dest, metadata={"ss_network_dim": str(args.rank), "ss_network_alpha": str(args.rank),
+                                             "edge_recipe": json.dumps(recipe | {"steps": step}, default=str)})
+    print(f"wrote {args.dest} ({args.dest.stat().st_size} bytes) after {step} steps, loss {loss:.4f}")
+
+
+def round_trip(args: argparse.Namespace, bundle) -> None:
+    """Four scenes as drawn, in grey, as black edges on white and in the ink, each over its VAE
+    encode/decode round trip: what the decoder can draw, and so what a UNet LoRA can learn."""
+    encoder = args.encoder or bundle.root / "vae_encoder" / "model.onnx"
+    decoder = ort.InferenceSession(str(bundle.components["vae_decoder"].path), providers=["CPUExecutionProvider"])
+    drawn = [scenes.scene(s).image for s in range(4)]
+    grey = [ImageOps.grayscale(im).convert("RGB") for im in drawn]
+    edges = [ImageOps.invert(ImageOps.grayscale(im).filter(ImageFilter.FIND_EDGES).point(lambda v: 255 * (v > 40)))
+             .convert("RGB") for im in drawn]
+    images = drawn + grey + edges + [scenes.scene(s, ink=args.ink).image for s in range(4)]
+    z = encode_images(encoder, images, bundle.vae_scaling_factor) / bundle.vae_scaling_factor
+    out = decoder.run(None, {decoder.get_inputs()[0].name: z.astype(np.float32)})[0]
+    back = [Image.fromarray(((np.clip(o, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(1, 2, 0)) for o in out]
+    rows = [im for k in range(0, len(images), 4) for im in images[k:k + 4] + back[k:k + 4]]
+    scenes.grid(rows, cols=4).save(args.work / "round_trip.png")
+    print(f"wrote {args.work / 'round_trip.png'}: each row of scenes over its round trip")
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
@@ -125,7 +153,7 @@ def train(args: argparse.Namespace) -> None:
     unet = unet_from_onnx(bundle)
     print(f"UNet from ONNX: max abs difference from onnxruntime {check_against_onnx(unet, bundle):.2e}")
     shown = [scenes.scene(s) for s in range(args.scenes)]
-    targets = [line_drawing(s.image) for s in shown]
+    targets = [scenes.scene(s, ink=args.ink).image for s in range(args.scenes)]
     encoder = args.encoder or bundle.root / "vae_encoder" / "model.onnx"
     x0 = torch.from_numpy(encode_images(encoder, targets, bundle.vae_scaling_factor))
     context = torch.from_numpy(text_embeddings(bundle, [s.caption for s in shown]))
@@ -134,11 +162,11 @@ def train(args: argparse.Namespace) -> None:
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2  # scaled_linear, as the bundle's scheduler
     alpha_bar = torch.cumprod(1 - betas, 0)
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, init_lora_weights="gaussian"))
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS, init_lora_weights="gaussian"))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     unet.train()
-    start, step, losses = time.monotonic(), 0, []
+    start, step, losses, saved = time.monotonic(), 0, [], time.monotonic()
     gen = torch.Generator().manual_seed(1)
     while time.monotonic() - start < args.minutes * 60:
         idx = torch.randint(0, len(x0), (args.batch,), generator=gen)
@@ -154,16 +182,12 @@ def train(args: argparse.Namespace) -> None:
         losses.append(loss.item())
         step += 1
         if step % 50 == 0:
-            print(f"step {step}: loss {np.mean(losses[-50:]):.4f} ({(time.monotonic() - start) / step:.2f} s/step)")
-    peft = {f"unet.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    tensors = to_kohya(peft, sgm=False, unet_config=unet.config)
-    for key in [k for k in tensors if k.endswith(".alpha")]:
-        tensors[key] = torch.tensor(float(RANK))
-    args.dest.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, args.dest, metadata={"ss_network_dim": str(RANK), "ss_network_alpha": str(RANK),
-                                             "edge_recipe": json.dumps(vars(args) | {"steps": step}, default=str)})
-    print(f"wrote {args.dest} ({args.dest.stat().st_size} bytes) after {step} steps, last loss "
-          f"{np.mean(losses[-50:]):.4f}")
+            print(f"step {step}: loss {np.mean(losses[-50:]):.4f} ({(time.monotonic() - start) / step:.2f} s/step)",
+                  flush=True)
+        if time.monotonic() - saved > args.save_minutes * 60:
+            save(unet, args, step, float(np.mean(losses[-50:])))
+            saved = time.monotonic()
+    save(unet, args, step, float(np.mean(losses[-50:])))
 
 
 def preview(args: argparse.Namespace) -> None:
@@ -186,18 +210,25 @@ def preview(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dest", type=Path, default=EMBEDDED_MODEL / "loras" / "lines.safetensors")
+    parser.add_argument("--dest", type=Path, default=EMBEDDED_MODEL / "loras" / "blueprint.safetensors")
+    parser.add_argument("--ink", default="blue", choices=sorted(scenes.COLOURS), help="the one colour parts get")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--save-minutes", type=float, default=5.0, help="write the LoRA this often while training")
+    parser.add_argument("--round-trip", action="store_true", help="only draw the VAE round-trip check")
     parser.add_argument("--encoder", type=Path, help="the knolling-tiny VAE encoder ONNX file")
     parser.add_argument("--work", type=Path, default=Path("/tmp/knolling-lora"))
     parser.add_argument("--preview", type=Path, help="write a before/after grid here")
-    parser.add_argument("--minutes", type=float, default=12.0)
+    parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--scenes", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch", type=int, default=8)  # on a shared CPU more small steps beat fewer big ones
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--preview-only", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.round_trip:
+        round_trip(args, load_bundle(EMBEDDED_MODEL))
+        return
     if not args.preview_only:
         train(args)
     if args.preview:

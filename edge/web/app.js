@@ -152,6 +152,10 @@ function showResult(r) {
   if (r.status !== "ok") { showError(r.error || r.state); return; }
   $("result").hidden = false;
   document.body.classList.add("has-result");
+  // e.g. a prompt the model cannot read (most of its words unknown): the job ran, but say so
+  const warnings = r.warnings || [];
+  $("result-warnings").textContent = warnings.join("\n");
+  $("result-warnings").hidden = !warnings.length;
   const images = r.images || [];
   $("result-image").src = withToken(images[0]);
   $("result-download").href = withToken(images[0] + "?download=1");
