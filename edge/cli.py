@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--min-psnr", type=float, default=20.0,
                        help="reject a variant whose images fall below this PSNR (dB) against FP32")
     quant.add_argument("--fidelity-steps", type=int, default=8, help="denoising steps of the fidelity check")
-    quant.add_argument("--attention", choices=("chunk", "mha", "off"), default="chunk",
+    quant.add_argument("--attention", choices=("mha", "chunk", "off"), default="mha",
                        help="rewrite the FP32 graphs' full-score attention first: in query slices (chunk), as "
                        "onnxruntime's MultiHeadAttention (mha), or not at all (off)")
     quant.add_argument("--attention-chunk", type=int, help="query rows per slice (--attention chunk; default 512)")

@@ -269,7 +269,7 @@ def _lean_attention(bundle: Bundle, notes: dict[str, dict[str, dict]], mode: str
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
                     prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8,
                     components: tuple[str, ...] | None = None, precisions: tuple[str, ...] = ("fp16", "int8"),
-                    attention: str | None = "chunk", attention_chunk: int = CHUNK) -> dict:
+                    attention: str | None = "mha", attention_chunk: int = CHUNK) -> dict:
     """Write the ``precisions`` variants of ``components`` (None: all the bundle has) and their
     manifest entries; returns the manifest. Entries of other components and variants are left as they were.
 

@@ -88,21 +88,30 @@ def test_rewrite_finds_every_attention_and_keeps_outputs(exported, comp, mode, t
     assert lean_attention_file(path, mode, CHUNK) == 0  # nothing left to rewrite: the file stays
 
 
-def test_fp16_and_int8_variants_of_the_rewritten_graph_match_the_original_ones(exported, tmp_path):
+@pytest.mark.parametrize("mode", ["chunk", "mha"])
+def test_fp16_and_int8_variants_of_the_rewritten_graph_match_the_original_ones(exported, tmp_path, mode):
     """Each tier made from the rewritten UNet gives what the same tier made from the export gives."""
     path = exported["unet"]
     original = keep_original(path, tmp_path / "original")
-    assert lean_attention_file(path, "chunk", CHUNK) == ATTENTIONS["unet"]
+    assert lean_attention_file(path, mode, CHUNK) == ATTENTIONS["unet"]
     feeds = [feed_for(path, seed, batch=1) for seed in range(3)]
     for folder in (original.parent, path.parent):
         convert_fp16(folder / "model.onnx", folder / "model.fp16.onnx", feeds[0])
         quantize_int8("unet", folder / "model.onnx", folder / "model.int8.onnx", Calibration({"unet": feeds}))
-    assert "Split" in ops(path.parent / "model.fp16.onnx") and "Split" in ops(path.parent / "model.int8.onnx")
-    test = feed_for(path, 7, batch=1)
-    reference = np.abs(run(original, test)).max()
-    for variant, atol in (("model.fp16.onnx", 2e-3), ("model.int8.onnx", 2e-3)):
-        want, got = run(original.parent / variant, test), run(path.parent / variant, test)
-        np.testing.assert_allclose(got, want, rtol=0, atol=atol * reference, err_msg=variant)
+    marker = "Split" if mode == "chunk" else "MultiHeadAttention"
+    assert marker in ops(path.parent / "model.fp16.onnx") and marker in ops(path.parent / "model.int8.onnx")
+    for seed in (7, 8):
+        test = feed_for(path, seed, batch=1)
+        fp32 = run(original, test)
+        for variant in ("model.fp16.onnx", "model.int8.onnx"):
+            want, got = run(original.parent / variant, test), run(path.parent / variant, test)
+            if mode == "chunk" or variant == "model.fp16.onnx":
+                np.testing.assert_allclose(got, want, rtol=0, atol=2e-3 * np.abs(fp32).max(), err_msg=variant)
+            else:
+                # MultiHeadAttention rounds differently in the last bit, and the INT8 graph's
+                # quantizers turn some of that into one quantization step: as far from FP32 as before
+                error = [float(np.sqrt(((v - fp32) ** 2).mean())) for v in (want, got)]
+                assert error[1] <= 1.05 * error[0], (seed, error)
 
 
 def baddbmm_graph(mask_rows: int = 1):
