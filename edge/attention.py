@@ -54,11 +54,11 @@ class Attention:
     chain: list[Step]
     softmax: object
     product: object  # MatMul(softmax, V)
-    shape: tuple  # the score tensor's dims (None where not static)
+    shape: tuple  # the score tensor's dims, as measured at batch 1
 
 
 class _Index:
-    """Nodes, producers, consumers, constant values and inferred shapes of one graph."""
+    """Nodes, producers, consumers, constant values and measured shapes of one graph."""
 
     def __init__(self, model, path: Path):
         self.nodes = list(model.graph.node)
@@ -120,7 +120,8 @@ def measured_shapes(model, path: Path, names: list[str]) -> dict[str, tuple]:
     import onnx
     import onnxruntime as ort
     feed = {}
-    for value in model.graph.input:
+    initializers = {t.name for t in model.graph.initializer}
+    for value in (v for v in model.graph.input if v.name not in initializers):  # old IRs list weights as inputs
         dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         if None in dims[1:]:
             log.info("%s: input %s has dynamic dims %s; attention left as it is", path, value.name, dims)
@@ -193,7 +194,8 @@ def _find(index: _Index) -> list[Attention]:
 
 
 def find_attention(model, path: Path) -> list[Attention]:
-    """Every full-score attention in ``model`` (an ``onnx.ModelProto`` loaded from ``path``)."""
+    """Every full-score attention in ``model`` (an ``onnx.ModelProto`` loaded from ``path``; runs it
+    once to measure its shapes)."""
     return _find(_Index(model, path))
 
 
@@ -317,6 +319,11 @@ def rewrite_attention(model, path: Path, mode: str = "chunk", chunk: int = CHUNK
     return len(replaced)
 
 
+def describe(mode: str, chunk: int = CHUNK) -> str:
+    """How a rewritten attention is computed, for logs and variants.json."""
+    return f"in slices of {chunk} query rows" if mode == "chunk" else "as com.microsoft.MultiHeadAttention"
+
+
 def lean_attention_file(path: Path, mode: str = "chunk", chunk: int = CHUNK) -> int:
     """Rewrite the attention of the model file at ``path`` (its external weights untouched); returns
     how many were rewritten. The file is replaced atomically, and only when something changed."""
@@ -328,5 +335,5 @@ def lean_attention_file(path: Path, mode: str = "chunk", chunk: int = CHUNK) -> 
         onnx.save(model, str(tmp))
         os.chmod(tmp, path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
-        log.info("%s: %d attention(s) rewritten (%s, %d query rows)", path, count, mode, chunk)
+        log.info("%s: %d attention(s) rewritten, computed %s", path, count, describe(mode, chunk))
     return count

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .attention import CHUNK, lean_attention_file
+from .attention import CHUNK, describe, lean_attention_file
 from .bundle import VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
@@ -262,8 +262,8 @@ def _lean_attention(bundle: Bundle, notes: dict[str, dict[str, dict]], mode: str
     for comp in notes:
         count = lean_attention_file(bundle.components[comp].variants["fp32"], mode, chunk)
         if count:
-            how = f"in slices of {chunk} query rows" if mode == "chunk" else "as com.microsoft.MultiHeadAttention"
-            notes[comp]["fp32"] = {"method": f"as exported, with {count} full-score attentions computed {how}"}
+            notes[comp]["fp32"] = {"method": f"as exported, with {count} full-score attentions computed "
+                                             f"{describe(mode, chunk)}"}
 
 
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,

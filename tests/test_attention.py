@@ -174,3 +174,31 @@ def test_bad_mode_and_chunk_are_refused(tmp_path):
         rewrite_attention(model, tmp_path / "m.onnx", "flash")
     with pytest.raises(AttentionError, match="chunk 0"):
         rewrite_attention(model, tmp_path / "m.onnx", "chunk", 0)
+
+
+@pytest.mark.slow
+def test_quantize_rewrites_the_fp32_graph_and_the_images_stay(tmp_path):
+    from edge.bundle import load_bundle
+    from edge.jobs import parse_job
+    from edge.memory import tier_plan
+    from edge.pipeline import Pipeline
+    from edge.providers import RuntimeOptions
+    from edge.quantize import quantize_bundle
+    bundle = tmp_path / "tiny-sd"
+    shutil.copytree(TINY_SD, bundle)
+    job = parse_job({"prompt": "knolling of 2 red gears", "steps": 3, "seed": 4})
+
+    def image(root):
+        loaded = load_bundle(root)
+        pipe = Pipeline(loaded, RuntimeOptions(threads=1), tier_plan(loaded, {}, "fp32"))
+        return np.asarray(pipe.generate(job).images[0].image, dtype=np.int16)
+
+    before = image(bundle)
+    manifest = quantize_bundle(bundle, steps=2, max_feeds=4, prompts=1, fidelity_steps=2,
+                               components=("unet", "vae_decoder"), precisions=("int8",))
+    for comp, count in ATTENTIONS.items():
+        assert manifest["components"][comp]["fp32"]["method"].startswith(f"as exported, with {count} full-score")
+        assert ops(bundle / comp / "model.onnx").count("MultiHeadAttention") == count
+        assert "psnr_db" in manifest["components"][comp]["int8"]
+    assert "fp32" not in manifest["components"].get("text_encoder", {})  # not asked for: left as exported
+    assert np.abs(image(bundle) - before).max() <= 1  # the FP32 tier's image, to the rounding of a pixel
