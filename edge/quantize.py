@@ -1,5 +1,8 @@
 """``edge-imagegen quantize``: write FP16 and INT8 variants next to each FP32 component.
 
+First each FP32 graph's full-score attention is rewritten in place (:mod:`edge.attention`), so
+the variants made from it, and the FP32 tier itself, never hold a whole score matrix.
+
     <component>/model.fp16.onnx   FP16 weights and activations; ops without a CPU FP16 kernel in
                                   this onnxruntime stay FP32 (found by loading and running the model)
     <component>/model.int8.onnx   UNet and VAE decoder: static QDQ quantization (per-channel INT8
