@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--min-psnr", type=float, default=20.0,
                        help="reject a variant whose images fall below this PSNR (dB) against FP32")
     quant.add_argument("--fidelity-steps", type=int, default=8, help="denoising steps of the fidelity check")
+    quant.add_argument("--attention", choices=("mha", "chunk", "off"), default="mha",
+                       help="rewrite the FP32 graphs' full-score attention first: in query slices (chunk), as "
+                       "onnxruntime's MultiHeadAttention (mha), or not at all (off)")
+    quant.add_argument("--attention-chunk", type=int, help="query rows per slice (--attention chunk; default 512)")
 
     srv = sub.add_parser("serve", help="run the daemon: jobs from MQTT and the local socket (see the README)")
     srv.add_argument("--out", help="output folder (config output.dir; relative: under the state directory)")
@@ -242,7 +246,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     manifest = quantize_bundle(args.model_dir, steps=args.steps, min_psnr=args.min_psnr, prompts=args.prompts,
                                fidelity_steps=args.fidelity_steps, max_feeds=args.max_feeds,
                                components=tuple(args.only) if args.only else None,
-                               precisions=tuple(args.precision or ("fp16", "int8")))
+                               precisions=tuple(args.precision or ("fp16", "int8")),
+                               attention=None if args.attention == "off" else args.attention,
+                               **({} if args.attention_chunk is None else {"attention_chunk": args.attention_chunk}))
     print(json.dumps(manifest["components"], indent=2))
     return 0
 

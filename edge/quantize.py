@@ -1,5 +1,8 @@
 """``edge-imagegen quantize``: write FP16 and INT8 variants next to each FP32 component.
 
+First each FP32 graph's full-score attention is rewritten in place (:mod:`edge.attention`), so
+the variants made from it, and the FP32 tier itself, never hold a whole score matrix.
+
     <component>/model.fp16.onnx   FP16 weights and activations; ops without a CPU FP16 kernel in
                                   this onnxruntime stay FP32 (found by loading and running the model)
     <component>/model.int8.onnx   UNet and VAE decoder: static QDQ quantization (per-channel INT8
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .attention import CHUNK, describe, lean_attention_file
 from .bundle import VARIANT_FILES, Bundle, load_bundle
 from .errors import EdgeError
 from .jobs import parse_job
@@ -255,21 +259,37 @@ def _remove_variant(folder: Path, precision: str) -> None:
         f.unlink()
 
 
+def _lean_attention(bundle: Bundle, notes: dict[str, dict[str, dict]], mode: str, chunk: int) -> None:
+    """Rewrite the FP32 graphs' attention in place; a rewritten graph's ``fp32`` entry is replaced
+    (measurements of the old graph no longer hold)."""
+    for comp in notes:
+        count = lean_attention_file(bundle.components[comp].variants["fp32"], mode, chunk)
+        if count:
+            notes[comp]["fp32"] = {"method": f"as exported, with {count} full-score attentions computed "
+                                             f"{describe(mode, chunk)}"}
+
+
 def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: float = MIN_PSNR,
                     prompts: int = len(CALIBRATION_PROMPTS), fidelity_steps: int = 8,
-                    components: tuple[str, ...] | None = None, precisions: tuple[str, ...] = ("fp16", "int8")) -> dict:
+                    components: tuple[str, ...] | None = None, precisions: tuple[str, ...] = ("fp16", "int8"),
+                    attention: str | None = "mha", attention_chunk: int = CHUNK) -> dict:
     """Write the ``precisions`` variants of ``components`` (None: all the bundle has) and their
-    manifest entries; returns the manifest. Entries of other components and variants are left as they were."""
+    manifest entries; returns the manifest. Entries of other components and variants are left as they were.
+
+    First each component's FP32 graph has its full-score attention rewritten (``attention``: a mode
+    of :mod:`edge.attention`, None: left as exported), so every tier, FP32 included, gets it."""
     _onnx()  # missing: stop now with the install hint, not after the calibration runs
     bundle = load_bundle(root)
     components = tuple(bundle.components) if components is None else components
+    notes: dict[str, dict[str, dict]] = {comp: {} for comp in components}
+    if attention:
+        _lean_attention(bundle, notes, attention, attention_chunk)
+        bundle = load_bundle(root)
     calibration = capture(bundle, steps, max_feeds, prompts)
     trim_heap()  # the FP32 pipeline is gone: give its memory back before the calibration child starts
-    notes: dict[str, dict[str, dict]] = {}
     for comp in components:
         src = bundle.components[comp].variants["fp32"]
         probe = calibration.feeds[comp][-1]
-        notes[comp] = {}
         makers = {"fp16": lambda s, d: convert_fp16(s, d, probe),
                   "int8": lambda s, d: quantize_int8(comp, s, d, calibration)}
         for precision in precisions:
@@ -287,7 +307,7 @@ def quantize_bundle(root: Path, steps: int = 8, max_feeds: int = 48, min_psnr: f
     check = Fidelity(bundle, fidelity_steps)
     for comp, variants in notes.items():
         for precision, entry in variants.items():
-            if "rejected" in entry:
+            if "rejected" in entry or precision == "fp32":
                 continue
             score = check.score({comp: precision})
             entry.update(score)
