@@ -108,10 +108,18 @@ def _big(path: Path) -> bool:
     return model_bytes(path) > EXTERNAL_DATA_BYTES
 
 
+def _inferred(src: Path) -> Path:
+    """The shape-inferred copy onnxruntime's quantizers write beside the model (left behind if they fail)."""
+    return src.with_name(f"{src.stem}-inferred{src.suffix}")
+
+
 def _dynamic(src: Path, dst: Path, op_types: list[str]) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
-                     use_external_data_format=_big(src))
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=op_types,
+                         use_external_data_format=_big(src))
+    finally:
+        _inferred(src).unlink(missing_ok=True)
 
 
 STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm")
@@ -185,15 +193,35 @@ def _static(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
                         calibration_cache_path=cache)
     finally:
         cache.unlink(missing_ok=True)
+        _inferred(src).unlink(missing_ok=True)
 
 
-def _in_child(fn, *args) -> bool:
-    """Run ``fn`` in a fresh process; False if it died (the kernel's OOM killer, typically)."""
+def _report(conn, fn, *args) -> None:
+    """The child's side of :func:`_in_child`: send None, or the error that stopped ``fn``."""
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - any error goes back to the parent, named
+        conn.send(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+    conn.send(None)
+
+
+def _in_child(fn, *args) -> str | None:
+    """Run ``fn`` in a fresh process: None if it finished, else why not. A child that was killed
+    (by the kernel's OOM killer, typically) says ``killed by signal N``; one that failed, its error."""
     ctx = multiprocessing.get_context("spawn")
-    proc = ctx.Process(target=fn, args=args)
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_report, args=(child, fn, *args))
     proc.start()
+    child.close()
+    try:
+        error = parent.recv()
+    except EOFError:  # it died before it could say anything
+        error = "exited without a word"
     proc.join()
-    return proc.exitcode == 0
+    if proc.exitcode is not None and proc.exitcode < 0:
+        return f"killed by signal {-proc.exitcode}"
+    return error if proc.exitcode != 0 or error else None
 
 
 def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration) -> str:
@@ -204,10 +232,13 @@ def quantize_int8(component: str, src: Path, dst: Path, calibration: Calibration
     feeds = calibration.feeds[component]
     # In a child process: ONNX Runtime's calibrator needs several copies of the model in memory and
     # an SD 1.5 UNet at 512x512 can exhaust even 24 GB; then fall back to dynamic quantization.
-    if _in_child(_static, src, dst, feeds):
+    failure = _in_child(_static, src, dst, feeds)
+    if failure is None:
         return (f"static QDQ INT8 (Conv, MatMul and Gemm with constant weights; per-channel weights; "
                 f"MinMax over {len(feeds)} captured inputs)")
-    log.warning("%s: static calibration failed (out of memory?); using dynamic INT8 instead", component)
+    if not failure.startswith("killed"):  # an error, not memory: dynamic INT8 would meet it too
+        raise QuantizeError(f"{component}: static INT8 quantization of {src} failed: {failure}")
+    log.warning("%s: static calibration was %s (out of memory?); using dynamic INT8 instead", component, failure)
     _dynamic(src, dst, ["Conv", "MatMul", "Gemm"])
     return ("dynamic INT8 (Conv, MatMul, Gemm): static calibration ran out of memory on this machine; "
             "dynamic saves memory but little or no time")

@@ -212,3 +212,24 @@ def test_a_released_model_gives_its_weights_back(tmp_path):
         assert model(x=np.ones((1, 4096), np.float32)).shape == (1, 4096)
         assert rss_mb() - base >= 64
     assert rss_mb() - base < 32
+
+
+def test_a_quantize_child_reports_how_it_ended():
+    import os
+    from edge.quantize import _in_child
+    assert _in_child(int, "5") is None
+    assert _in_child(int, "five") == "ValueError: invalid literal for int() with base 10: 'five'"
+    assert _in_child(os.abort) == "killed by signal 6"  # what the OOM killer's SIGKILL looks like too
+
+
+def test_static_int8_that_fails_for_a_reason_other_than_memory_says_why_and_leaves_nothing(bundle_copy, caplog):
+    pytest.importorskip("onnx")
+    from edge.quantize import Calibration, QuantizeError, quantize_int8
+    src = bundle_copy / "unet" / "model.onnx"
+    src.write_bytes(src.read_bytes()[:5000])  # cut short: no dynamic fallback can read it either
+    before = sorted(p.name for p in src.parent.iterdir())
+    feeds = {"unet": [{"sample": np.zeros((1, 4, 16, 16), np.float32)}]}
+    with pytest.raises(QuantizeError, match=r"^unet: static INT8 quantization of .*model\.onnx failed: \w+"):
+        quantize_int8("unet", src, src.with_name("model.int8.onnx"), Calibration(feeds))
+    assert "dynamic INT8 instead" not in caplog.text
+    assert sorted(p.name for p in src.parent.iterdir()) == before
