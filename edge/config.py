@@ -24,7 +24,8 @@ from .jobs import Defaults, Limits
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-lowmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-OPT_LEVEL_NAMES = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimization levels
+# onnxruntime's graph optimization levels, and auto (edge.providers.optimization_level)
+OPT_LEVEL_NAMES = ("auto", "disabled", "basic", "extended", "all")
 VAE_TILING_MODES = ("auto", "on", "off")  # edge.tiling
 
 
@@ -36,7 +37,7 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("cpu",)
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> its options
     component_providers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. unet -> (xnnpack, cpu)
-    graph_optimization: str = "extended"
+    graph_optimization: str = "auto"  # extended; all for FP16 variants where FP16 kernels are native
     optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
     cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
     memory_arena: bool = True
