@@ -69,21 +69,24 @@ class DecoderPreview:
         self._session = None
         self._lock = threading.Lock()
 
-    def _run(self, latents: np.ndarray) -> np.ndarray:
+    def _session_now(self):
         with self._lock:
             if self._session is None:
                 self._session = make_session(self.path, self.runtime, "vae_decoder")
-        session = self._session
-        return session.run(None, {session.get_inputs()[0].name: latents})[0]
+        return self._session
 
     def rgb(self, latents: np.ndarray) -> np.ndarray:
-        """(1, C, H, W) latents -> (h, w, 3) uint8, pooled to at most PREVIEW_SIDE pixels a side."""
+        """(1, C, H, W) latents -> (h, w, 3) uint8, pooled to at most PREVIEW_SIDE pixels a side
+        (unless the decoder was exported for one latent size only)."""
+        session = self._session_now()
+        port = session.get_inputs()[0]
         sample = np.asarray(latents, dtype=np.float32)
         _, c, h, w = sample.shape
-        k = math.ceil(max(h, w) * self.scale / PREVIEW_SIDE)
+        k = 1 if all(isinstance(d, int) for d in port.shape[2:]) else math.ceil(max(h, w) * self.scale / PREVIEW_SIDE)
         if k > 1:
             sample = sample[:, :, :h // k * k, :w // k * k].reshape(1, c, h // k, k, w // k, k).mean(axis=(3, 5))
-        pixels = self._run(np.ascontiguousarray(sample / self.scaling + self.shift, dtype=np.float32))[0]
+        z = np.ascontiguousarray(sample / self.scaling + self.shift, dtype=np.float32)
+        pixels = session.run(None, {port.name: z})[0][0]
         return np.round(np.clip(pixels / 2 + 0.5, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
 
     def png(self, latents: np.ndarray) -> bytes:

@@ -2,6 +2,7 @@
 a tiny decoder where the bundle decodes with one."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -74,3 +75,17 @@ def test_a_tiny_decoders_preview_is_pooled_to_its_side_limit():
     assert small.shape == (PREVIEW_SIDE, PREVIEW_SIDE * 3 // 4, 3)
     assert np.array_equal(small, preview.rgb(pooled))
     assert preview.png(latents).startswith(b"\x89PNG")
+
+
+def test_a_tiny_decoder_exported_for_one_size_previews_unpooled(tmp_path):
+    """A static latent size cannot take pooled latents: such a decoder previews at full size."""
+    onnx = pytest.importorskip("onnx")
+    folder = tmp_path / "static-decoder"
+    shutil.copytree(TINY_DECODER, folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], (40, 36)):
+        dim.dim_value = value
+    onnx.save(model, str(folder / "model.onnx"))
+    preview = make_preview(load_bundle(TINY_SD, folder), 4, RuntimeOptions(threads=1))
+    latents = np.random.default_rng(1).standard_normal((1, 4, 40, 36)).astype(np.float32)
+    assert preview.rgb(latents).shape == (320, 288, 3)  # 320 px > PREVIEW_SIDE, yet not pooled
