@@ -125,7 +125,7 @@ def session_options(options: RuntimeOptions, providers: list[str], level: str | 
     return so
 
 
-def _cache_path(path: Path, level: str) -> Path:
+def _cache_path(path: Path, options: RuntimeOptions, level: str) -> Path:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{level}"
     return Path(options.optimized_cache) / f"{path.parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
@@ -160,7 +160,7 @@ def make_session(path: Path, options: RuntimeOptions, component: str | None = No
         return session
     if not options.optimized_cache or providers != [CPU]:  # compiling providers can't save their graphs
         return _load(path, so, providers, options, path)
-    cached = _cache_path(path, level)
+    cached = _cache_path(path, options, level)
     if cached.is_file():
         fast = session_options(options, providers, level)
         fast.graph_optimization_level = OPT_LEVELS["disabled"]  # already optimized on an earlier start
