@@ -2,7 +2,8 @@
 
     python benchmarks/bench_tiers.py [--model DIR] [--steps 20] [--runs 3] [--tiers fp32,int8,...]
 
-Each tier runs in its own fresh process (so peak RSS, read from VmHWM, is that tier's alone),
+A tier may name a graph optimization level after an @ (``fp16@extended,fp16@all``; without one:
+``runtime.graph_optimization: auto``), to compare levels side by side. Each tier runs in its own fresh process (so peak RSS, read from VmHWM, is that tier's alone),
 tiers interleaved run by run so that machine noise hits them alike. Prints medians and the
 ratio of each tier's UNet step to FP32's.
 """
@@ -26,10 +27,12 @@ from edge.profile import _status_bytes
 from edge.memory import load_manifest, tier_plan
 from edge.pipeline import Pipeline
 from edge.providers import RuntimeOptions
-model, tier, steps, threads = json.loads(sys.argv[1])
+model, spec, steps, threads = json.loads(sys.argv[1])
+tier, _, level = spec.partition("@")
 bundle = load_bundle(model)
 t0 = time.perf_counter()
-pipe = Pipeline(bundle, RuntimeOptions(threads=threads), tier_plan(bundle, load_manifest(bundle), tier))
+pipe = Pipeline(bundle, RuntimeOptions(threads=threads, graph_optimization=level or "auto"),
+                tier_plan(bundle, load_manifest(bundle), tier))
 load = time.perf_counter() - t0
 r = pipe.generate(parse_job({"prompt": "knolling of 2 red gears and a blue battery", "seed": 1, "steps": steps}))
 print(json.dumps({"load": load, "step": sorted(r.timings["steps"])[len(r.timings["steps"]) // 2],

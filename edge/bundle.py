@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import BundleError
-from .jobs import Defaults
 from .onnx_files import model_bytes
 
 log = logging.getLogger(__name__)
@@ -72,10 +71,6 @@ class Bundle:
     tokenizer_dir: Path
     components: dict[str, Component] = field(default_factory=dict)
     recommended: dict[str, Any] = field(default_factory=dict)  # from edge.json: steps, guidance, scheduler
-
-    def job_defaults(self, defaults: Defaults) -> Defaults:
-        """The ``defaults`` config section with this model's recommendations (edge.json) in place."""
-        return replace(defaults, **self.recommended)
 
     @property
     def tiny_decoder(self) -> bool:

@@ -10,6 +10,7 @@ import logging
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
@@ -190,6 +191,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from .bundle import load_bundle
+    from .loader import model_defaults
     from .lora_apply import LoraLibrary, describe_loras
     from .memory import MB, choose_plan, read_budget
     from .providers import physical_cores
@@ -217,6 +219,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     except EdgeError as exc:
         info["precision"] = {"error": str(exc)}
     info["model"] = bundle.summary()
+    defaults, sources = model_defaults(config, bundle)
+    info["defaults"] = {name: {"value": value, "from": sources[name]} for name, value in asdict(defaults).items()}
     library = LoraLibrary.configured(config.lora, bundle)
     info["loras"] = {"dir": str(library.folder), "found": describe_loras(library, bundle)}
     tokenizer = ClipTokenizer.from_dir(bundle.tokenizer_dir)

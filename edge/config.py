@@ -12,7 +12,7 @@ import ipaddress
 import re
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from .jobs import Defaults, Limits
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8", "int8-lowmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-OPT_LEVEL_NAMES = ("disabled", "basic", "extended", "all")  # onnxruntime's graph optimization levels
+# onnxruntime's graph optimization levels, and auto (edge.providers.optimization_level)
+OPT_LEVEL_NAMES = ("auto", "disabled", "basic", "extended", "all")
 VAE_TILING_MODES = ("auto", "on", "off")  # edge.tiling
 
 
@@ -36,7 +37,7 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("cpu",)
     provider_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # provider -> its options
     component_providers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. unet -> (xnnpack, cpu)
-    graph_optimization: str = "extended"
+    graph_optimization: str = "auto"  # extended; all for FP16 variants where FP16 kernels are native
     optimized_cache: str | None = None  # folder for optimized models (faster restarts), None: off
     cfg_batch: bool = True  # run conditional and unconditional UNet passes as one batch of 2
     memory_arena: bool = True
@@ -167,6 +168,9 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log_level: str = "info"
+    # Not a YAML key: the dotted keys the file or the command line set to a value (not null), so that
+    # a bundle's edge.json can fill in only the defaults the user left to the built-ins.
+    given: frozenset[str] = field(default=frozenset(), compare=False, metadata={"internal": True})
 
 
 # Keys whose value must be one of a fixed set; checked after types.
@@ -235,7 +239,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a mapping of keys, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in known:
             raise ConfigError(f"{prefix + '.' if prefix else ''}{key}: unknown key; known keys here: "
@@ -272,6 +276,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         config = _build(Config, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    config = replace(config, given=_given(data))
     for component in config.runtime.component_providers:
         if component not in COMPONENTS + OPTIONAL_COMPONENTS:
             raise ConfigError(f"runtime.component_providers.{component}: unknown component; choose one of "
@@ -282,6 +287,17 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         raise ConfigError("limits.min_lora_strength: must not exceed limits.max_lora_strength")
     _check_daemon_sections(config)
     return config
+
+
+def _given(data: dict[str, Any]) -> frozenset[str]:
+    """The dotted ``section.key`` names set to a value; null means "the built-in / the bundle's"."""
+    names = set()
+    for section, values in data.items():
+        if isinstance(values, dict):
+            names.update(f"{section}.{key}" for key, value in values.items() if value is not None)
+        elif values is not None:
+            names.add(section)
+    return frozenset(names)
 
 
 def _check_daemon_sections(config: Config) -> None:

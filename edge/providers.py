@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from .bundle import VARIANT_FILES
 from .config import RuntimeOptions
 from .errors import BundleError, ConfigError
 
@@ -38,6 +40,22 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+# The CPU provider's native FP16 kernels (MLAS half-precision GEMM and convolution, built where the
+# compiler has Arm's FP16 vector arithmetic: the aarch64 wheels) include an NHWC convolution
+# (NhwcFusedConv) that only the layout pass of level "all" (NhwcTransformer) puts in; the NCHW FP16
+# Conv kernel transposes its input and output on every call. x86-64 builds have no FP16
+# convolution: there ONNX Runtime casts FP16 nodes to FP32 around its FP32 kernels.
+FP16_NATIVE = platform.machine().lower() in ("aarch64", "arm64")
+
+
+def optimization_level(options: RuntimeOptions, path: Path) -> str:
+    """The graph optimization level for a session of ``path``. ``auto``: "all" for an FP16 variant
+    where the build has native FP16 kernels (the NHWC FP16 convolution), else "extended"."""
+    if options.graph_optimization != "auto":
+        return options.graph_optimization
+    return "all" if FP16_NATIVE and path.name == VARIANT_FILES["fp16"] else "extended"
 
 
 def physical_cores() -> int:
@@ -80,10 +98,13 @@ def _options_for(provider: str, options: RuntimeOptions, threads: int) -> dict[s
     return configured
 
 
-def session_options(options: RuntimeOptions, providers: list[str]) -> ort.SessionOptions:
-    if options.graph_optimization not in OPT_LEVELS:
-        raise ConfigError(f"runtime.graph_optimization: {options.graph_optimization!r} is not one of "
-                          f"{', '.join(OPT_LEVELS)}")
+def session_options(options: RuntimeOptions, providers: list[str], level: str | None = None) -> ort.SessionOptions:
+    """``level``: an :data:`OPT_LEVELS` name (:func:`optimization_level`); None: the configured one,
+    ``auto`` read as "extended"."""
+    if level is None:
+        level = "extended" if options.graph_optimization == "auto" else options.graph_optimization
+    if level not in OPT_LEVELS:
+        raise ConfigError(f"runtime.graph_optimization: {level!r} is not one of auto, {', '.join(OPT_LEVELS)}")
     so = ort.SessionOptions()
     threads = options.threads or physical_cores()
     if XNNPACK in providers:
@@ -93,7 +114,7 @@ def session_options(options: RuntimeOptions, providers: list[str]) -> ort.Sessio
     else:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = OPT_LEVELS[options.graph_optimization]
+    so.graph_optimization_level = OPT_LEVELS[level]
     so.enable_cpu_mem_arena = options.memory_arena
     if not options.prepack:
         # Pre-packing copies each weight into a kernel-specific layout in anonymous memory. Without
@@ -104,9 +125,9 @@ def session_options(options: RuntimeOptions, providers: list[str]) -> ort.Sessio
     return so
 
 
-def _cache_path(path: Path, options: RuntimeOptions) -> Path:
+def _cache_path(path: Path, options: RuntimeOptions, level: str) -> Path:
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{options.graph_optimization}"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|{level}"
     return Path(options.optimized_cache) / f"{path.parent.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
 
 
@@ -125,7 +146,8 @@ def make_session(path: Path, options: RuntimeOptions, component: str | None = No
     """A session of ``path``; ``initializers`` override the file's (LoRA-fused weights), which ONNX
     Runtime reads from these arrays for the session's life: the session keeps them referenced."""
     providers = resolve_providers(options.component_providers.get(component or "", options.providers))
-    so = session_options(options, providers)
+    level = optimization_level(options, path)
+    so = session_options(options, providers, level)
     if initializers:
         if so.graph_optimization_level == OPT_LEVELS["all"]:
             # level "all" re-lays Conv weights out (NCHWc) before overrides apply: they would be lost
@@ -138,9 +160,9 @@ def make_session(path: Path, options: RuntimeOptions, component: str | None = No
         return session
     if not options.optimized_cache or providers != [CPU]:  # compiling providers can't save their graphs
         return _load(path, so, providers, options, path)
-    cached = _cache_path(path, options)
+    cached = _cache_path(path, options, level)
     if cached.is_file():
-        fast = session_options(options, providers)
+        fast = session_options(options, providers, level)
         fast.graph_optimization_level = OPT_LEVELS["disabled"]  # already optimized on an earlier start
         try:
             return _load(cached, fast, providers, options, cached)

@@ -6,7 +6,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from .jobs import Job, Step
-from .preview import LatentPreview, load_preview
+from .preview import Preview, make_preview
 
 if TYPE_CHECKING:
     from .pipeline import Pipeline, Result
@@ -18,7 +18,7 @@ class Runner(Protocol):
     model: str
     precision: str
     provider: str
-    preview: LatentPreview | None  # latents -> a cheap RGB image, for per-step previews
+    preview: Preview | None  # latents -> a cheap RGB image, for per-step previews
     size: tuple[int, int]  # the model's native width and height
     fixed_size: bool  # True: no other size is allowed
     model_kind: str  # "plain", "inpainting" or "instruct" (edge.editing.model_kind)
@@ -39,8 +39,7 @@ class PipelineRunner:
         self.size = pipeline.default_size()
         self.fixed_size = pipeline.fixed_size
         self.model_kind = pipeline.model_kind
-        # the bundle's own vae_decoder/: previews map the UNet's latents, whichever decoder model.decoder picks
-        self.preview = load_preview(pipeline.bundle.root / "vae_decoder", pipeline.latent_channels)
+        self.preview = make_preview(pipeline.bundle, pipeline.latent_channels, pipeline.runtime)
 
     def check(self, job: Job) -> None:
         self.pipeline.check(job)

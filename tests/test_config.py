@@ -30,7 +30,7 @@ def write(tmp_path, text):
     ("runtime:\n  threads: two\n", "runtime.threads: must be int"),
     ("runtime:\n  threads: -1\n", "runtime.threads: must be 0 or more"),
     ("model:\n  precision: int4\n", "model.precision: 'int4' is not allowed; choose one of auto, fp32"),
-    ("runtime:\n  graph_optimization: max\n", "choose one of disabled, basic, extended, all"),
+    ("runtime:\n  graph_optimization: max\n", "choose one of auto, disabled, basic, extended, all"),
     ("runtime:\n  providers: cpu\n", "runtime.providers: must be a list"),
     ("limits:\n  max_steps: 1.5\n", "limits.max_steps: must be int"),
     ("limits: [1]\n", "limits: must be a mapping"),

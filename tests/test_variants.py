@@ -4,6 +4,7 @@ import json
 import logging
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from edge.bundle import load_bundle
@@ -11,7 +12,8 @@ from edge.jobs import parse_job
 from edge.profile import Fidelity, profile_bundle, psnr
 from edge.memory import TIERS, load_manifest, tier_plan
 from edge.pipeline import Pipeline
-from edge.providers import RuntimeOptions, make_session, resolve_providers, session_options
+from edge.providers import (FP16_NATIVE, RuntimeOptions, make_session, optimization_level, resolve_providers,
+                            session_options)
 from edge.quantize import MIN_PSNR
 
 ONE = RuntimeOptions(threads=1)
@@ -188,6 +190,26 @@ def test_prepack_off_reaches_onnxruntime_and_runs(bundle, reference):
         session_options(ONE, ["CPUExecutionProvider"]).get_session_config_entry("session.disable_prepacking")
     got = image(Pipeline(bundle, lean, tier_plan(bundle, {}, "fp32")))
     assert np.abs(got.astype(int) - reference.astype(int)).max() <= 2  # other kernels, other rounding only
+
+
+def test_auto_optimizes_fp16_variants_for_native_fp16_kernels(bundle, monkeypatch):
+    """auto: "all" (the NHWC FP16 convolution's layout pass) for FP16 files where the build has FP16
+    kernels (aarch64), "extended" otherwise; a level the user names is used as named."""
+    unet = bundle.components["unet"].variants
+    auto = RuntimeOptions(threads=1)
+    assert auto.graph_optimization == "auto"
+    assert optimization_level(auto, unet["fp16"]) == ("all" if FP16_NATIVE else "extended")
+    monkeypatch.setattr("edge.providers.FP16_NATIVE", True)
+    assert [optimization_level(auto, unet[p]) for p in ("fp32", "fp16", "int8")] == ["extended", "all", "extended"]
+    assert optimization_level(RuntimeOptions(graph_optimization="basic"), unet["fp16"]) == "basic"
+    assert session_options(auto, ["CPUExecutionProvider"]).graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+def test_the_fp16_tier_at_level_all_stays_faithful(bundle, reference):
+    """What auto runs on aarch64, run here too: level "all" on the FP16 variants keeps the FP16 floor."""
+    pipe = Pipeline(bundle, RuntimeOptions(threads=1, graph_optimization="all"), tier_plan(bundle, {}, "fp16"))
+    assert psnr(image(pipe), reference) > FLOOR["fp16"]
 
 
 @pytest.mark.slow

@@ -7,6 +7,9 @@
     sd15  DEST   the SD-1.5 VAE decoder's architecture with random weights (about 200 MB, not
                  committed), for the tiled-decode benchmark:
                  /work/devvenv/bin/python tools/make_vae_decoders.py sd15 /tmp/sd15-vae
+    taesd DEST   diffusers' AutoencoderTiny at its defaults (TAESD's architecture, about 1.2 M
+                 decoder parameters) with random weights, for the preview benchmark:
+                 /work/devvenv/bin/python tools/make_vae_decoders.py taesd /tmp/taesd
 
 Dynamic shapes, so the folders work with ``model.decoder`` at any size and can be decoded in tiles.
 """
@@ -77,13 +80,20 @@ def sd15(dest: Path) -> None:
     print(f"wrote {dest}: {(dest / 'model.onnx').stat().st_size} bytes")
 
 
+def taesd(dest: Path) -> None:
+    torch.manual_seed(0)
+    vae = AutoencoderTiny().eval()
+    export(vae, dest, torch.zeros(1, 4, 64, 64))
+    print(f"wrote {dest}: {sum(p.numel() for p in vae.decoder.parameters())} decoder parameters")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("tiny", "sd15"))
+    parser.add_argument("kind", choices=("tiny", "sd15", "taesd"))
     parser.add_argument("dest", type=Path)
     args = parser.parse_args()
     with torch.no_grad():
-        {"tiny": tiny, "sd15": sd15}[args.kind](args.dest)
+        {"tiny": tiny, "sd15": sd15, "taesd": taesd}[args.kind](args.dest)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def latents_table(shape: tuple[int, ...]) -> dict[str, dict]:
 
 def first_step(pipe) -> dict[str, np.ndarray]:
     """Text embeddings of PROMPT and the guided noise prediction of the first step for SEED."""
-    from edge import schedulers
+    from edge import editing, schedulers
 
     scheduler = schedulers.from_config(pipe.bundle.scheduler_config, None)
     scheduler.set_timesteps(STEPS)
@@ -96,7 +96,7 @@ def first_step(pipe) -> dict[str, np.ndarray]:
     x = initial_latents(SEED, latent_shape(pipe)) * scheduler.init_noise_sigma
     with pipe.unet.loaded():
         eps = pipe._predict_noise(scheduler.scale_model_input(x, 0), float(scheduler.timesteps[0]),
-                                  cond, uncond, GUIDANCE)
+                                  editing.text_guide(cond, uncond, GUIDANCE))
     return {"text_embeddings": cond, "unet_step1": eps}
 
 

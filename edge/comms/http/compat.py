@@ -131,7 +131,7 @@ class Compat:
         record, step, latents = current
         preview = None
         if request.query.get("skip_current_image", "false").lower() != "true":
-            url = self.front.watchers.preview_url(latents)
+            url = await self.front.call(self.front.watchers.preview_url, latents)  # a decoder's: seconds
             preview = url.split(",", 1)[1] if url else None  # A1111 sends bare base64
         started = self.front.watchers.started.get(record.id)
         return web.json_response(a1111.progress_body(step, status["queue"], preview, started,

@@ -5,8 +5,10 @@ the loop (``call_soon_threadsafe``) and remembers the latest progress, so the wo
 for an HTTP client. On the loop, event streams (SSE) get their job's events, synchronous calls
 (A1111, OpenAI) get their job's final record, and streams of queued jobs get their new position.
 
-Previews are made here, on the loop and only for a job someone streams, every ``preview_every``
-steps (and at the last step), or on demand for an A1111 progress poller.
+Previews are made only for a job someone streams, every ``preview_every`` steps (and at the last
+step), on the worker thread as the step is published: in order with the job's events and never
+holding up the loop, even when a tiny decoder makes them. An A1111 progress poller gets one on
+demand (off the loop, see compat.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ...jobs import JobEvent, JobRecord
 
 if TYPE_CHECKING:
-    from ...preview import LatentPreview
+    from ...preview import Preview
     from ...service import Service
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def data_url(png: bytes) -> str:
 
 
 class Watchers:
-    def __init__(self, loop: asyncio.AbstractEventLoop, service: Service, preview: LatentPreview | None,
+    def __init__(self, loop: asyncio.AbstractEventLoop, service: Service, preview: Preview | None,
                  every: int):
         self.loop, self.service = loop, service
         self.preview = preview if every > 0 else None
@@ -42,18 +44,26 @@ class Watchers:
 
     # --- the worker thread ----------------------------------------------------------------------
     def on_event(self, event: JobEvent) -> None:
+        preview = None
         if event.kind == "progress":
             self.last_progress = event
             if event.record.id not in self.streams:  # nobody streams it: nothing to do on the loop
                 return
+            preview = self._step_preview(event)
         elif event.kind == "finished":
             last = self.last_progress
             if last is not None and last.record.id == event.record.id:
                 self.last_progress = None
         try:
-            self.loop.call_soon_threadsafe(self._dispatch, event)
+            self.loop.call_soon_threadsafe(self._dispatch, event, preview)
         except RuntimeError:  # the loop is closed: the front end is gone
             pass
+
+    def _step_preview(self, event: JobEvent) -> str | None:
+        step = event.step
+        if self.preview is None or step is None or step.latents is None:
+            return None
+        return self.preview_url(step.latents) if step.step % self.every == 0 or step.step == step.steps else None
 
     # --- the loop -------------------------------------------------------------------------------
     def open_stream(self, job_id: str) -> asyncio.Queue:
@@ -81,7 +91,7 @@ class Watchers:
         if not futures:
             self.finals.pop(job_id, None)
 
-    def _dispatch(self, event: JobEvent) -> None:
+    def _dispatch(self, event: JobEvent, preview: str | None = None) -> None:
         job_id = event.record.id
         if event.kind == "started":
             self.started[job_id] = self.loop.time()
@@ -92,11 +102,8 @@ class Watchers:
                     future.set_result(event.record)
         if event.kind != "queued":
             message = {"event": event.name, **event.body()}
-            if event.kind == "progress" and event.step is not None:
-                step = event.step
-                if self.preview is not None and step.latents is not None and (
-                        step.step % self.every == 0 or step.step == step.steps):
-                    message["preview"] = self.preview_url(step.latents)
+            if preview is not None:
+                message["preview"] = preview
             for queue in self.streams.get(job_id, ()):
                 queue.put_nowait(message)
         if event.kind in ("started", "finished"):
