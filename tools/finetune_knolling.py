@@ -18,7 +18,7 @@ Stages (``--work`` keeps the tokenizer, the latents cache, the checkpoint finetu
     train      the fine-tune, resumable (``--resume``), bounded by ``--steps`` and ``--max-minutes``
     export     the EMA weights -> Optimum ONNX export -> bundle (FP32); scheduler, VAE from the shipped one
 
-The second edition (the shipped model since):
+The second edition, not shipped yet (1000 steps drew worse than the first edition: benchmarks/README.md):
 
     W=/tmp/knolling-ft; B=edge/models/knolling-tiny
     nice -n 5 /work/devvenv/bin/python tools/finetune_knolling.py train --bundle $B --work $W --max-minutes 50
@@ -79,7 +79,7 @@ def load_onnx_weights(module: torch.nn.Module, onnx_path: Path) -> None:
         raise SystemExit(f"{onnx_path}: no weights found for {len(missing)} parameters, e.g. {missing[:5]}")
     with torch.no_grad():
         for key, value in found.items():
-            state[key].copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(state[key].shape))
+            state[key].copy_(torch.from_numpy(np.array(value)).reshape(state[key].shape))  # a writable copy
 
 
 def check_against_onnx(module: torch.nn.Module, onnx_path: Path, inputs: dict[str, np.ndarray]) -> float:
