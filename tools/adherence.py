@@ -26,7 +26,7 @@ Per generated image, for a request of ``count`` parts of one ``colour``:
     python tools/adherence.py validate [--n 300]        # analyzer vs renderer ground truth
     python tools/adherence.py evaluate --model DIR [--precision fp32 int8] [--n 100] [--scheduler euler ddim ...]
                                        [--filler]   # also with filler phrases appended to every prompt
-    python tools/adherence.py diversity --model DIR [--precision fp32 int8] [--seeds 8]
+    python tools/adherence.py diversity --model DIR [--precision fp32 int8] [--seeds 8] [--filler] [--scheduler ...]
 
 ``evaluate`` prompts with (colour, part, count) triples from ``scenes.HELD_OUT``, which the
 training sampler never draws, so it measures generalisation rather than recall of captions.
@@ -390,6 +390,7 @@ def main() -> None:
     d.add_argument("--guidance", type=float, default=7.5)
     d.add_argument("--threads", type=int, default=0)
     d.add_argument("--scheduler", nargs="+", default=[None])
+    d.add_argument("--filler", action="store_true", help="also with each of FILLERS appended to every prompt")
     e.add_argument("--zero-mean-noise", action="store_true",
                    help="diagnostic: remove the per-channel mean of the starting noise (does the model read "
                         "colour from the seed's noise mean? see benchmarks/README.md)")
@@ -404,13 +405,15 @@ def main() -> None:
         print(f"  background share min {100 * result.background_min:.1f}%")
         sys.exit(0 if min(result.count_exact, result.part_colour) >= 0.95 else 1)
     if args.command == "diversity":
-        for p in args.precision:
-            for sched in args.scheduler:
-                found = diversity(args.model, p, DIVERSITY_PROMPTS, args.seeds, args.steps, args.guidance,
-                                  args.threads, sched)
-                print(f"{p} {sched or 'bundle'}: distinct layouts of {args.seeds} seeds, mean over "
-                      f"{len(DIVERSITY_PROMPTS)} prompts {found['distinct_layouts']:.2f} (lowest "
-                      f"{found['min_distinct_layouts']:.0f}); mean pixel difference {found['pixel_difference']:.1f}/255")
+        for suffix in ("",) + (FILLERS if args.filler else ()):
+            for p in args.precision:
+                for sched in args.scheduler:
+                    found = diversity(args.model, p, tuple(q + suffix for q in DIVERSITY_PROMPTS), args.seeds,
+                                      args.steps, args.guidance, args.threads, sched)
+                    print(f"{p} {sched or 'bundle'}{' +' + repr(suffix) if suffix else ''}: distinct layouts of "
+                          f"{args.seeds} seeds, mean over {len(DIVERSITY_PROMPTS)} prompts "
+                          f"{found['distinct_layouts']:.2f} (lowest {found['min_distinct_layouts']:.0f}); "
+                          f"mean pixel difference {found['pixel_difference']:.1f}/255", flush=True)
         return
     if args.zero_mean_noise:
         zero_mean_starting_noise()
@@ -426,6 +429,7 @@ def main() -> None:
                 save = args.save / label.replace(" ", "_").replace("'", "") if args.save else None
                 results[label] = summarize(generate_outcomes(args.model, p, chosen, args.steps, args.guidance,
                                                              args.threads, save, sched))
+                print(label, json.dumps({k: round(v, 3) for k, v in results[label].items()}), flush=True)
     print_table(results, args.n)
 
 

@@ -1,9 +1,12 @@
 """Procedural product-part scenes for training and checking ``knolling-tiny`` (Pillow + numpy only).
 
 A scene is 1 to 6 parts drawn in a technical-illustration style (flat fills, thin dark outlines,
-no shadows) on pure white, laid out either as *knolling* (an aligned grid with equal spacing) or
-as an *exploded view* (stacked along one axis, joined by a dashed guide line). Each scene carries
-its caption and its ground truth (part type, colour name and bounding box of every part).
+no shadows) on pure white, laid out either as *knolling* (parts aligned in a grid, a row, a row per
+group, or loosely scattered) or as an *exploded view* (stacked along one axis, joined by a dashed
+guide line); the seed picks the arrangement, its extent and its place in the frame
+(tools/scene_layouts.py), so that one caption has many layouts. Each scene carries its caption and
+its ground truth (part type, colour name and bounding box of every part). Training captions are
+written as people write prompts (``user_caption``: filler phrases, case, punctuation).
 
     scene(seed)                      the training distribution; never uses a held-out combination
     render(groups, layout, seed)     a scene with given content (the adherence check uses this)
@@ -29,7 +32,9 @@ from typing import Callable
 
 from PIL import Image, ImageDraw
 
-SIZE = 128  # output pixels (the model's resolution)
+import scene_layouts
+
+SIZE = scene_layouts.SIZE  # output pixels (the model's resolution)
 SCALE = 4  # drawing supersampling factor
 WHITE = (255, 255, 255)
 OUTLINE = (40, 40, 48)
@@ -60,6 +65,21 @@ KNOLLING_TEMPLATES = ("knolling of {}", "flat lay of {}", "parts laid out: {}", 
 EXPLODED_TEMPLATES = ("exploded view of {}", "exploded diagram of {}", "{}, exploded view",
                       "exploded view: {} on white", "technical illustration, exploded view of {}")
 TEMPLATES = {"knolling": KNOLLING_TEMPLATES, "exploded": EXPLODED_TEMPLATES}
+# Training captions also come as people write prompts (``user_caption``): more templates, and filler
+# phrases that change nothing in these scenes (always on white, seen from above, evenly lit). The
+# held-out evaluation prompts (adherence.evaluation_cases) use the templates above only.
+EXTRA_TEMPLATES = {
+    "knolling": ("knolling photo of {}", "{}, flat lay", "{} neatly laid out", "a flat lay of {}", "knolling: {}",
+                 "{}, parts laid out on white", "{} arranged in knolling style", "flat lay photo of {}"),
+    "exploded": ("an exploded view of {}", "{} in exploded view", "exploded view drawing of {}",
+                 "{}, exploded diagram", "exploded view of {} on white"),
+}
+FILLERS = ("on a pure white background", "on a white background", "white background", "pure white background",
+           "on white", "on a white table", "on a plain white table", "high quality", "best quality", "studio photo",
+           "studio photography", "product photo", "professional product shot", "isometric", "isometric view",
+           "top view", "top-down view", "overhead view", "seen from above", "studio lighting", "soft lighting",
+           "soft light", "even lighting", "bright light", "natural light", "no shadows", "sharp focus",
+           "highly detailed", "detailed", "clean", "minimal", "simple", "4k", "8k", "hd")
 
 HELD_OUT_MODULUS = 8  # about one triple in eight is held out
 
@@ -245,38 +265,7 @@ def _tile(part: str, colour: str, size: int, quarter_turns: int) -> Image.Image:
     return tile.rotate(90 * quarter_turns, expand=True) if quarter_turns else tile
 
 
-# --- layout -----------------------------------------------------------------------------------
-MARGIN = 0.1  # of the image side, on each side
-MAX_PART = 0.5  # largest part side, as a share of the image side
-
-
-def _knolling_slots(n: int, rng: random.Random) -> tuple[list[tuple[float, float]], float]:
-    """Centres (output pixels) and the common part size for an aligned grid with equal spacing."""
-    rows, cols = {1: (1, 1), 2: (1, 2), 3: (1, 3), 4: (2, 2), 5: (2, 3), 6: (2, 3)}[n]
-    if n in (2, 3, 6) and rng.random() < 0.5:
-        rows, cols = cols, rows
-    span = SIZE * (1 - 2 * MARGIN)
-    cell_w, cell_h = span / cols, span / rows
-    centres = []
-    for r in range(rows):
-        in_row = min(cols, n - r * cols)  # a short last row (5 parts: 3 + 2) stays centred
-        offset = (cols - in_row) * cell_w / 2
-        centres += [(SIZE * MARGIN + offset + (k + 0.5) * cell_w, SIZE * MARGIN + (r + 0.5) * cell_h)
-                    for k in range(in_row)]
-    size = min(min(cell_w, cell_h) * rng.uniform(0.64, 0.76), SIZE * MAX_PART)
-    return centres, size
-
-
-def _exploded_slots(n: int, rng: random.Random) -> tuple[list[tuple[float, float]], float, str]:
-    """Centres along one axis, the part size, and the axis."""
-    axis = rng.choice(("vertical", "horizontal"))
-    span = SIZE * (1 - 2 * MARGIN)
-    spacing = span / n
-    along = [SIZE * MARGIN + (k + 0.5) * spacing for k in range(n)]
-    centres = [(SIZE / 2, a) if axis == "vertical" else (a, SIZE / 2) for a in along]
-    return centres, min(spacing * rng.uniform(0.62, 0.72), SIZE * MAX_PART), axis
-
-
+# --- layout (where the parts go: tools/scene_layouts.py) --------------------------------------
 def _dashed_line(d: ImageDraw.ImageDraw, start: tuple[float, float], end: tuple[float, float]) -> None:
     dash, gap = 4 * SCALE, 3 * SCALE
     length = math.dist(start, end)
@@ -290,19 +279,37 @@ def _dashed_line(d: ImageDraw.ImageDraw, start: tuple[float, float], end: tuple[
 
 
 # --- captions ---------------------------------------------------------------------------------
-def _phrase(group: Group, rng: random.Random) -> str:
+def _phrase(group: Group, rng: random.Random, training: bool = False) -> str:
     noun = group.part if group.count == 1 else PLURALS[group.part]
     if group.count == 1:
-        number = "one" if rng.random() < 0.2 else ("an" if group.colour[0] in "aeiou" else "a")
+        r = rng.random()
+        number = "1" if training and r < 0.1 else "one" if r < 0.2 else ("an" if group.colour[0] in "aeiou" else "a")
     else:
         number = NUMBER_WORDS[group.count] if rng.random() < 0.3 else str(group.count)
     return f"{number} {group.colour} {noun}"
 
 
-def caption_for(groups: tuple[Group, ...], layout: str, rng: random.Random) -> str:
-    phrases = [_phrase(g, rng) for g in groups]
+def caption_for(groups: tuple[Group, ...], layout: str, rng: random.Random, training: bool = False) -> str:
+    phrases = [_phrase(g, rng, training) for g in groups]
     listing = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return rng.choice(TEMPLATES[layout]).format(listing)
+    templates = TEMPLATES[layout] + (EXTRA_TEMPLATES[layout] if training else ())
+    return rng.choice(templates).format(listing)
+
+
+def user_caption(groups: tuple[Group, ...], layout: str, rng: random.Random) -> str:
+    """A training caption: ``caption_for``'s, often with filler phrases, in varied case and punctuation."""
+    text = caption_for(groups, layout, rng, training=True)
+    if rng.random() < 0.6:
+        filler = ", ".join(rng.sample(FILLERS, rng.choice((1, 1, 2, 3))))
+        text = f"{text}, {filler}" if rng.random() < 0.8 else f"{filler}, {text}"
+    case = rng.random()
+    if case < 0.15:
+        text = text[0].upper() + text[1:]
+    elif case < 0.2:
+        text = text.upper()
+    elif case < 0.25:
+        text = text.title()
+    return text + rng.choice(("",) * 6 + (".", " .", "!", "..."))
 
 
 _NUMBER = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}, **{str(n): n for n in range(1, 10)}}
@@ -321,8 +328,8 @@ def parse_caption(text: str) -> list[Group]:
 def caption_words() -> set[str]:
     """Every word a caption can contain (what the model's BPE vocabulary should keep whole)."""
     words: set[str] = set()
-    for template in KNOLLING_TEMPLATES + EXPLODED_TEMPLATES:
-        words.update(re.findall(r"[a-z]+", template))
+    for text in KNOLLING_TEMPLATES + EXPLODED_TEMPLATES + sum(EXTRA_TEMPLATES.values(), ()) + FILLERS:
+        words.update(re.findall(r"[a-z]+", text))
     for part, plural in PLURALS.items():
         words.update(part.split() + plural.split())
     words.update(COLOURS, NUMBER_WORDS.values(), ("a", "an", "and"))
@@ -340,19 +347,14 @@ def render(groups: tuple[Group, ...], layout: str, seed: int, caption: str | Non
     items = [(g.part, g.colour) for g in groups for _ in range(g.count)]
     if not 1 <= len(items) <= MAX_PARTS:
         raise ValueError(f"a scene has 1 to {MAX_PARTS} parts, got {len(items)}")
-    if layout == "knolling":
-        centres, size = _knolling_slots(len(items), rng)
-        axis = None
-    else:
-        centres, size, axis = _exploded_slots(len(items), rng)
+    counts = [g.count for g in groups]
+    placement = scene_layouts.knolling(counts, rng) if layout == "knolling" else scene_layouts.exploded(len(items), rng)
+    centres, size = placement.centres, placement.size
     canvas = Image.new("RGB", (SIZE * SCALE, SIZE * SCALE), WHITE)
     draw = ImageDraw.Draw(canvas)
-    if axis is not None:  # the guide line runs behind the parts, a little past both ends
-        first, last = centres[0], centres[-1]
-        pad = size * 0.8
-        start = (first[0], first[1] - pad) if axis == "vertical" else (first[0] - pad, first[1])
-        end = (last[0], last[1] + pad) if axis == "vertical" else (last[0] + pad, last[1])
-        _dashed_line(draw, (start[0] * SCALE, start[1] * SCALE), (end[0] * SCALE, end[1] * SCALE))
+    if placement.guide is not None:  # the guide line runs behind the parts
+        (x0, y0), (x1, y1) = placement.guide
+        _dashed_line(draw, (x0 * SCALE, y0 * SCALE), (x1 * SCALE, y1 * SCALE))
     turns = {part: rng.choice((0, 1)) if part in ELONGATED else 0 for part in PARTS}  # like parts lie alike
     truth = []
     side = round(size * SCALE)
@@ -385,7 +387,8 @@ def scene(seed: int, ink: str | None = None) -> Scene:
     """The training distribution: deterministic in ``seed``, never a held-out combination."""
     rng = random.Random(f"scene:{seed}")
     groups = sample_groups(rng)
-    return render(groups, rng.choice(LAYOUTS), seed, ink=ink)
+    layout = rng.choice(LAYOUTS)
+    return render(groups, layout, seed, user_caption(groups, layout, rng), ink=ink)
 
 
 def grid(images: list[Image.Image], cols: int, pad: int = 4) -> Image.Image:

@@ -24,6 +24,8 @@ instead of the prompt (blue drawn purple, orange drawn red). ``--offset-noise S`
 constant of std S to the training noise (Guttenberg 2023), which makes the mean uninformative, so the
 colour must come from the text. The shipped model: ``all --max-minutes 100`` with plain noise, then
 ``unet --resume --offset-noise 0.25 --max-minutes 20`` (see benchmarks/README.md for the effect).
+Its second edition (randomised layouts, user-style captions, issue 18) is a fine-tune of those
+weights read back from the ONNX bundle: tools/finetune_knolling.py, which reuses ``fit_unet``.
 
 The text encoder is trained jointly with the UNet rather than frozen: with a vocabulary this small
 and captions this regular it costs a few percent of a UNet step, and a frozen random encoder would
@@ -73,13 +75,35 @@ PREVIEW_PROMPTS = ("knolling of 3 red gears", "exploded view of 2 blue batteries
 
 
 # --- tokenizer --------------------------------------------------------------------------------
-def learn_merges(words: set[str]) -> list[tuple[str, str]]:
-    """Byte-level BPE merges, learnt until every word is one symbol (ties: the smaller pair)."""
+def word_symbols(word: str) -> tuple[str, ...]:
+    """A word as byte-level BPE symbols before any merge (the last one carries the end-of-word mark)."""
     byte_chars = bytes_to_unicode()
+    chars = [byte_chars[b] for b in word.encode("utf-8")]
+    return tuple(chars[:-1]) + (chars[-1] + "</w>",)
+
+
+def _merge(seq: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return tuple(out)
+
+
+def learn_merges(words: set[str], known: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Byte-level BPE merges, learnt until every word is one symbol (ties: the smaller pair). With
+    ``known`` merges, the words are first split as a BPE tokenizer with those merges splits them and
+    only the merges to add after them are returned (the known words keep their tokens)."""
     symbols = {}
     for word in sorted(words):
-        chars = [byte_chars[b] for b in word.encode("utf-8")]
-        symbols[word] = tuple(chars[:-1]) + (chars[-1] + "</w>",)
+        seq = word_symbols(word)
+        for pair in known:  # in rank order, as BPE applies them
+            seq = _merge(seq, pair)
+        symbols[word] = seq
     merges = []
     while True:
         pairs = Counter(p for seq in symbols.values() for p in zip(seq, seq[1:]))
@@ -87,16 +111,7 @@ def learn_merges(words: set[str]) -> list[tuple[str, str]]:
             return merges
         best = min(pairs, key=lambda p: (-pairs[p], p))
         merges.append(best)
-        for word, seq in symbols.items():
-            out, i = [], 0
-            while i < len(seq):
-                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
-                    out.append(seq[i] + seq[i + 1])
-                    i += 2
-                else:
-                    out.append(seq[i])
-                    i += 1
-            symbols[word] = tuple(out)
+        symbols = {word: _merge(seq, best) for word, seq in symbols.items()}
 
 
 def write_tokenizer(dest: Path) -> Path:
@@ -386,59 +401,77 @@ def make_latents(args: argparse.Namespace) -> Path:
 
 
 # --- stage: UNet + text encoder ---------------------------------------------------------------
+@dataclass
+class UnetData:
+    """What the UNet trains on: scaled latents, token ids, the empty caption's ids, and the identity of
+    the latent space (a checkpoint trained in another one cannot be resumed)."""
+
+    x0: torch.Tensor
+    ids: torch.Tensor
+    empty: torch.Tensor
+    meta: dict
+
+
 def train_unet(args: argparse.Namespace) -> None:
-    from diffusers import DDPMScheduler
-    work, device = args.work, args.device
-    ckpt_path = work / "unet.pt"
     data = np.load(make_latents(args))
     x0_all = torch.from_numpy((data["latents"].astype(np.float32) - data["channel_mean"][None, :, None, None])
                               * float(data["scaling_factor"]))
-    ids_all = torch.from_numpy(data["ids"].astype(np.int64))
-    empty = torch.from_numpy(data["empty_ids"].astype(np.int64))
-    tokenizer = load_tokenizer(work)
+    tokenizer = load_tokenizer(args.work)
     torch.manual_seed(args.seed)
+    unet, text_encoder = build_unet().to(args.device), build_text_encoder(tokenizer).to(args.device)
+    fit_unet(args, unet, text_encoder, UnetData(
+        x0_all, torch.from_numpy(data["ids"].astype(np.int64)), torch.from_numpy(data["empty_ids"].astype(np.int64)),
+        {"vae_step": int(data["vae_step"]), "channel_mean": data["channel_mean"],
+         "scaling_factor": float(data["scaling_factor"])}), args.work / "unet.pt", check=("vae_step",))
+
+
+def fit_unet(args: argparse.Namespace, unet: torch.nn.Module, text_encoder: torch.nn.Module, data: UnetData,
+             ckpt_path: Path, check: tuple[str, ...]) -> None:
+    """Train UNet + text encoder jointly (epsilon prediction, min-SNR weights, CFG dropout, EMA) from
+    the weights they have, or from ``ckpt_path`` with ``--resume`` (its ``check`` meta must match)."""
+    from diffusers import DDPMScheduler
+    device = args.device
     rng = np.random.default_rng(args.seed)
-    unet, text_encoder = build_unet().to(device), build_text_encoder(tokenizer).to(device)
     models = [unet, text_encoder]
     ema = EMA(models, args.ema)
     opt = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=args.lr, weight_decay=1e-2)
     step = 0
     if args.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=False)
+        for key in check:
+            if state[key] != data.meta[key]:
+                raise SystemExit(f"{ckpt_path} was trained with {key} {state[key]}, but the latents now have "
+                                 f"{data.meta[key]}: train afresh (no --resume)")
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         restore_rng(rng, state["rng"])
         step = state["step"]
-        if state["vae_step"] != int(data["vae_step"]):
-            raise SystemExit(f"{ckpt_path} was trained on latents of VAE step {state['vae_step']}, but the VAE "
-                             f"is now at step {int(data['vae_step'])}: train the UNet afresh (no --resume)")
         log.info("resumed the UNet at step %d", step)
     log.info("UNet %.2fM, text encoder %.2fM parameters; %d training scenes", parameters(unet) / 1e6,
-             parameters(text_encoder) / 1e6, len(x0_all))
+             parameters(text_encoder) / 1e6, len(data.x0))
     alphas_cumprod = DDPMScheduler(**{k: v for k, v in SCHEDULER.items() if k != "timestep_spacing"}
                                    ).alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weight_of_t = torch.clamp(snr, max=args.min_snr_gamma) / snr  # min-SNR weighting (Hang et al. 2023)
     budget = Budget.of(args.steps, args.max_minutes)
-    logger = Log(work, "unet")
+    logger = Log(args.work, ckpt_path.stem)
     for m in models:
         m.train()
 
     def save() -> None:
         save_checkpoint(ckpt_path, {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                                     "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": rng_state(rng),
-                                    "step": step, "vae_step": int(data["vae_step"]),
-                                    "channel_mean": data["channel_mean"],
-                                    "scaling_factor": float(data["scaling_factor"])})
+                                    "step": step, **data.meta})
 
     t_last, last_step, losses = time.monotonic(), step, []
+    empty = data.empty.to(device)
     while not budget.done(step):
-        idx = torch.from_numpy(rng.integers(0, len(x0_all), args.batch))
-        x0, ids = x0_all[idx].to(device), ids_all[idx].to(device)
+        idx = torch.from_numpy(rng.integers(0, len(data.x0), args.batch))
+        x0, ids = data.x0[idx].to(device), data.ids[idx].to(device)
         drop = torch.from_numpy(rng.random(args.batch) < args.uncond_rate).to(device)
-        ids = torch.where(drop[:, None], empty.to(device)[None, :], ids)
+        ids = torch.where(drop[:, None], empty[None, :], ids)
         t = torch.randint(0, len(alphas_cumprod), (args.batch,), device=device)
         noise = torch.randn_like(x0)
         if args.offset_noise:
@@ -464,7 +497,7 @@ def train_unet(args: argparse.Namespace) -> None:
         if step % args.save_every == 0:
             save()
     save()
-    print(f"[unet] stopped at step {step}; checkpoint {ckpt_path}")
+    print(f"[{ckpt_path.stem}] stopped at step {step}; checkpoint {ckpt_path}")
 
 
 # --- export -----------------------------------------------------------------------------------
