@@ -71,6 +71,28 @@ def test_ddim_draws_parts_on_white_not_noise(pipeline, steps):
     assert sum(a.dominant_colour == "red" for a in found) >= 3
 
 
+# --- issue 18, still open: the second edition must pass these; the shipped first edition does not --------
+# strict: once a model passes, the marker must go (tools/finetune_knolling.py, benchmarks/README.md)
+FIRST_EDITION = pytest.mark.xfail(strict=True, reason="issue 18: the first edition's training scenes had "
+                                  "1-2 layouts per caption and no filler phrases; the second is not trained yet")
+
+
+@FIRST_EDITION
+def test_eight_seeds_of_one_prompt_draw_distinct_layouts(pipeline):
+    """The first edition draws 1.75 distinct layouts for 8 seeds (its renderer had 1-2 per caption)."""
+    found = outcomes(pipeline, "knolling of 3 red gears")
+    assert adherence.distinct_layouts(found) >= 6, [[p.centre for p in a.parts] for a in found]
+
+
+@FIRST_EDITION
+def test_a_filler_phrase_keeps_the_count(pipeline):
+    """", on a pure white background" drew extra parts (held-out exact count 78% -> 14%)."""
+    plain = outcomes(pipeline, "knolling of 3 red gears")
+    filled = outcomes(pipeline, "knolling of 3 red gears, on a pure white background")
+    assert sum(len(a.parts) == len(b.parts) for a, b in zip(plain, filled)) >= 7
+    assert sum(a.dominant_colour == "red" for a in filled) >= 7
+
+
 # --- edits: the shipped VAE encoder (tools/train_vae_encoder.py, trained against the shipped decoder) --
 
 
