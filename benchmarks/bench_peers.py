@@ -161,7 +161,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--once", default="", help="comma-separated systems run in the first round only (the slowest)")
     ap.add_argument("--lock", help="flock this file around each child (e.g. /work/heavy.lock)")
-    ap.add_argument("--json", type=Path, help="write every round's figures here")
+    ap.add_argument("--json", type=Path,
+                    help="write every round's figures here (after each run: a run cut short keeps its rounds)")
+    ap.add_argument("--table-from", type=Path, metavar="JSON", help="print the table of an earlier --json and exit")
     return ap.parse_args()
 
 
@@ -179,13 +181,15 @@ def run_rounds(args: argparse.Namespace) -> dict[str, list[dict]]:
             command, code, child_args = table[name]
             results[name].append(run_child(lock + command, code, child_args, name))
             print(f"round {round_no + 1} {name}: {json.dumps(results[name][-1])}", file=sys.stderr, flush=True)
+            if args.json:
+                args.json.write_text(json.dumps({"args": vars(args), "results": results}, default=str, indent=1))
     return results
 
 
 def print_table(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
     print(f"machine: {machine()}")
     print(f"{SIZE}x{SIZE}, {args.steps} steps (few-step: 1, guidance 0), guidance {args.guidance}, Euler, "
-          f"{args.threads} threads, {args.rounds} interleaved rounds (first only: {args.once or 'none'}): "
+          f"{args.threads} threads, {max(map(len, results.values()))} interleaved rounds (first only: {args.once or 'none'}): "
           "median (min-max)\n")
     print("| system | UNet weights | load s | UNet step s | end-to-end s | peak RSS MB |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -200,10 +204,11 @@ def print_table(args: argparse.Namespace, results: dict[str, list[dict]]) -> Non
 
 def main() -> None:
     args = parse_args()
-    results = run_rounds(args)
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args), "results": results}, default=str, indent=1) + "\n")
-    print_table(args, results)
+    if args.table_from:
+        saved = json.loads(args.table_from.read_text())
+        print_table(argparse.Namespace(**saved["args"]), {k: v for k, v in saved["results"].items() if v})
+    else:
+        print_table(args, run_rounds(args))
 
 
 if __name__ == "__main__":
