@@ -189,14 +189,14 @@ def run_rounds(args: argparse.Namespace) -> dict[str, list[dict]]:
 def print_table(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
     print(f"machine: {machine()}")
     print(f"{SIZE}x{SIZE}, {args.steps} steps (few-step: 1, guidance 0), guidance {args.guidance}, Euler, "
-          f"{args.threads} threads, {max(map(len, results.values()))} interleaved rounds (first only: {args.once or 'none'}): "
+          f"{args.threads} threads, {args.rounds} interleaved rounds (first only: {args.once or 'none'}): "
           "median (min-max)\n")
-    print("| system | UNet weights | load s | UNet step s | end-to-end s | peak RSS MB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| system | UNet weights | runs | load s | UNet step s | end-to-end s | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, rounds in results.items():
         cells = [spread([r[k] for r in rounds], ".2f") for k in ("load", "step", "total")]
         cells.append(spread([r["rss"] / 2**20 for r in rounds], ".0f"))
-        print(f"| {name} | {rounds[0]['unet']} | {' | '.join(cells)} |")
+        print(f"| {name} | {rounds[0]['unet']} | {len(rounds)} | {' | '.join(cells)} |")
     med = {name: {k: statistics.median(r[k] for r in rounds) for k in ("total", "rss")}
            for name, rounds in results.items()}
     print("\n" + "\n".join(goals(med)))
