@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EdgeError
+from .onnx_files import unoptimized_session
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,6 @@ def measured_shapes(model, path: Path, names: list[str]) -> dict[str, tuple]:
     give {}: a slice size fixed now would be wrong at another size.
     """
     import onnx
-    import onnxruntime as ort
     feed = {}
     initializers = {t.name for t in model.graph.initializer}
     for value in (v for v in model.graph.input if v.name not in initializers):  # old IRs list weights as inputs
@@ -133,14 +133,7 @@ def measured_shapes(model, path: Path, names: list[str]) -> dict[str, tuple]:
     for i, name in enumerate(names):
         probe.graph.node.append(onnx.helper.make_node("Shape", [name], [f"lean_shape{i}"]))
         probe.graph.output.append(onnx.helper.make_tensor_value_info(f"lean_shape{i}", onnx.TensorProto.INT64, None))
-    staged = path.parent / ".attention-shapes.onnx"  # beside the model, so its external-data names resolve
-    onnx.save(probe, str(staged))
-    try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every name stays
-        session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
-    finally:
-        staged.unlink(missing_ok=True)
+    session = unoptimized_session(probe, path, ".attention-shapes.onnx")
     values = session.run([f"lean_shape{i}" for i in range(len(names))], feed)
     return {name: tuple(int(d) for d in value) for name, value in zip(names, values)}
 

@@ -104,3 +104,19 @@ def external_data_files(path: Path) -> list[Path]:
 def model_bytes(path: Path) -> int:
     """Bytes ONNX Runtime reads to load ``path``: the graph file plus its external-data files."""
     return path.stat().st_size + sum(f.stat().st_size for f in external_data_files(path))
+
+
+def unoptimized_session(model, beside: Path, name: str):
+    """An ONNX Runtime session of ``model`` (an in-memory ``onnx.ModelProto``, e.g. with extra
+    outputs) with every tensor kept: saved as ``name`` beside the file it came from, so that its
+    external-data names resolve, and removed once loaded (dev-time tools only: needs ``onnx``)."""
+    import onnx
+    import onnxruntime as ort
+    staged = beside.parent / name
+    onnx.save(model, str(staged))
+    try:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no tensor fused away
+        return ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
+    finally:
+        staged.unlink(missing_ok=True)

@@ -35,7 +35,7 @@ from .errors import EdgeError
 from .jobs import parse_job
 from .images import png_base64
 from .memory import fixed_plan, trim_heap
-from .onnx_files import model_bytes
+from .onnx_files import model_bytes, unoptimized_session
 from .pipeline import Pipeline, record_inputs
 from .profile import Fidelity, single_items
 from .providers import RuntimeOptions
@@ -137,7 +137,6 @@ def calibrate_minmax(src: Path, feeds: list[dict[str, np.ndarray]], op_types=STA
     activation lives longer than in a plain run.
     """
     onnx = _onnx()
-    import onnxruntime as ort
     model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
     graph = model.graph
     floats = {v.name for v in [*graph.value_info, *graph.input, *graph.output]
@@ -160,14 +159,7 @@ def calibrate_minmax(src: Path, feeds: list[dict[str, np.ndarray]], op_types=STA
         order += [r for t in node.output if t in wanted for r in reducers(t)]
     del graph.node[:]
     graph.node.extend(order)
-    augmented = src.parent / ".calibration.onnx"
-    onnx.save(model, str(augmented))
-    try:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
-        session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-    finally:
-        augmented.unlink(missing_ok=True)
+    session = unoptimized_session(model, src, ".calibration.onnx")
     names = [o.name for o in session.get_outputs() if o.name not in outputs]
     low = {n: np.inf for n in names}
     high = {n: -np.inf for n in names}

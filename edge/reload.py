@@ -29,7 +29,8 @@ def reload(intake: Intake, load: Callable[[], Config]) -> list[str]:
         return []
     old = intake.config
     changed = [name for name in RELOADABLE if getattr(new, name) != getattr(old, name)]
-    restart = [f.name for f in fields(Config) if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)]
+    restart = [f.name for f in fields(Config) if f.name not in RELOADABLE and not f.metadata.get("internal")
+               and getattr(new, f.name) != getattr(old, f.name)]
     intake.reconfigure(new)
     if "log_level" in changed:  # unchanged: leave the level alone (serve -v keeps debug)
         logging.getLogger().setLevel(new.log_level.upper())
