@@ -221,9 +221,11 @@ class LoraRuntime:
 
     def _build(self, key: tuple, active: dict[str, list[tuple[Target, float]]]) -> dict[str, Any]:
         """New sessions for a set: the oldest cached sets evicted first so that the cache keeps its count."""
-        if self._sessions and len(self._sessions) >= max(1, self.cache_sets):
-            while self._sessions and len(self._sessions) >= max(1, self.cache_sets):
-                self._sessions.popitem(last=False)
+        evicted = False
+        while self._sessions and len(self._sessions) >= max(1, self.cache_sets):
+            self._sessions.popitem(last=False)
+            evicted = True
+        if evicted:
             trim_heap()  # what the evicted sessions held goes back to the kernel before the budget is read
         bundle = self.pipeline.bundle
         need = lora_set_bytes(bundle, load_manifest(bundle), self.pipeline.plan.precisions, tuple(active))
