@@ -59,7 +59,7 @@ def extending_start_timeout(notifier: Notifier, seconds: float = 30.0) -> Iterat
 
 def load_runner(config: Config) -> Runner:
     from .loader import load_pipeline
-    return PipelineRunner(load_pipeline(config))
+    return PipelineRunner(load_pipeline(config), config.http.preview)
 
 
 def serve(config: Config, make_runner: Callable[[Config], Runner] = load_runner,
@@ -124,8 +124,9 @@ def _serve(config: Config, state: Path, make_runner: Callable[[Config], Runner],
             notifier.notify("RELOADING=1")
             if load_config is None:
                 log.warning("SIGHUP: no config file to reload from")
-            else:
-                reload(service, load_config)
+            elif reload(service, load_config):
+                for front_end in front_ends:
+                    front_end.reconfigured()
             notifier.notify("READY=1")
 
     log.info("stopping")

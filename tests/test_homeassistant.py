@@ -3,11 +3,13 @@ read, what it would send (text, button, its birth message) and what comes back (
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from daemon_harness import broker, daemons, listeners, needs_mosquitto, topic_is, wait_until  # noqa: F401
 
@@ -154,6 +156,26 @@ def test_text_command_runs_a_job_and_the_image_entity_gets_the_picture_and_the_b
     cancelled = payload(watch.wait_for(topic_is(f"{d.prefix}/jobs/long/result"), what="the cancelled result"))
     assert cancelled["status"] == "error" and cancelled["state"] == "cancelled"
     assert d.jobs()["long"]["state"] == "cancelled"
+
+
+@pytest.mark.slow
+@needs_mosquitto
+def test_a_sighup_that_lowers_the_prompt_limit_republishes_the_text_entity_max(broker, daemons, listeners):
+    """Home Assistant refuses text longer than the entity's max before sending it; a stale max would
+    let it send prompts the daemon then rejects."""
+    d = daemons("ha4", broker, HA).start()
+    watch = listeners(broker.port, ["homeassistant/#"])
+    text = next(payload(m) for t, m in discovery_of(watch, 7).items() if "/text/" in t)
+    assert text["max"] == 255  # Home Assistant's own ceiling for a text entity
+    config = yaml.safe_load(d.config_path.read_text())
+    config["limits"] = {"max_prompt_chars": 120}
+    d.config_path.write_text(yaml.safe_dump(config))
+    d.proc.send_signal(signal.SIGHUP)
+    again = discovery_of(watch, 14)
+    assert next(payload(m) for t, m in again.items() if "/text/" in t)["max"] == 120
+    retained = wait_until(lambda: all_seven(retained_configs(listeners, broker.port)), 10, "the retained configs")
+    assert json.loads(next(p for t, p in retained.items() if "/text/" in t))["max"] == 120
+    assert d.alive()
 
 
 def retained_configs(listeners, port):

@@ -12,9 +12,13 @@ from typing import Protocol
 
 
 class FrontEnd(Protocol):
-    """What the daemon does with every front end: start, stop taking new work, close."""
+    """What the daemon does with every front end: start, take a SIGHUP's rules, stop taking new
+    work, close."""
 
     def start(self) -> None: ...
+
+    def reconfigured(self) -> None:
+        """The service's limits or defaults changed (a SIGHUP): republish what was derived from them."""
 
     def stop_accepting(self) -> None: ...
 

@@ -72,7 +72,7 @@ RETRY_INTERVAL = 2.0  # seconds between offers of a message the journal could no
 class MqttFrontEnd:
     def __init__(self, config: Config, service: Service):
         m = config.mqtt
-        self.config, self.service = config, service
+        self.service = service
         self.v5 = m.protocol == "mqttv5"
         self.qos = m.qos
         self.prefix = topic_prefix(config, service.device_id)
@@ -113,6 +113,11 @@ class MqttFrontEnd:
         service.events.subscribe(self._on_event)
         service.supervisor.on_change(self._state_dirty.set)
 
+    @property
+    def config(self) -> Config:
+        """The service's config: a SIGHUP's limits (the largest history, image sizes) apply at once."""
+        return self.service.config
+
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         m = self.config.mqtt
@@ -129,6 +134,11 @@ class MqttFrontEnd:
         self._network = supervisor.spawn("mqtt-network", lambda: watch_network(self.client, self._closing),
                                          self._closing, lambda: restart_network(self.client))
         self._housekeeper = supervisor.spawn("mqtt-housekeeping", self._housekeeping, self._closing)
+
+    def reconfigured(self) -> None:
+        """Home Assistant's text entity carries limits.max_prompt_chars: discovery again, retained."""
+        if self.config.mqtt.homeassistant and self.client.is_connected():
+            self.requests.publish_discovery()
 
     def stop_accepting(self) -> None:
         self.accepting = False

@@ -161,6 +161,9 @@ class SocketServer:
         self.sock = _bind(self.path, int(self.config.socket.mode, 8))
         log.info("listening on %s again", self.path)
 
+    def reconfigured(self) -> None:
+        """Nothing derived from the limits is kept: each request reads the service's."""
+
     def stop_accepting(self) -> None:
         """No new connections; open ones get "stopping" for submissions (the service refuses them)."""
         self.accepting = False

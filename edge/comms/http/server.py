@@ -129,6 +129,9 @@ class HttpFrontEnd:
     def start(self) -> None:
         self._thread = self.service.supervisor.spawn("http", self.loop.run_forever, self._closing)
 
+    def reconfigured(self) -> None:
+        """Nothing to republish: every request reads the live :attr:`config`."""
+
     def stop_accepting(self) -> None:
         """Nothing to close yet: the service answers submissions "stopping" (503), reads go on."""
 
