@@ -27,6 +27,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # onnxruntime's graph optimization levels, and auto (edge.providers.optimization_level)
 OPT_LEVEL_NAMES = ("auto", "disabled", "basic", "extended", "all")
 VAE_TILING_MODES = ("auto", "on", "off")  # edge.tiling
+PREVIEW_MODES = ("auto", "linear")  # edge.preview: auto takes a bundle's tiny decoder, linear never
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class HttpConfig:
     max_body_bytes: int = 65536
     request_timeout: float = 300.0  # a synchronous call (A1111, OpenAI) waits this long, then 504
     preview_every: int = 1  # steps between previews for a watcher; 0: no previews
+    preview: str = "auto"  # auto: a bundle's tiny decoder draws them (a decode each); linear: the cheap map
     examples: tuple[str, ...] = ()  # example prompts on the kiosk start screen
     kiosk_idle_seconds: float = 120.0  # kiosk mode returns to the start screen after this long idle
 
@@ -178,6 +180,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.precision": PRECISIONS,
     "runtime.graph_optimization": OPT_LEVEL_NAMES,
     "runtime.vae_tiling": VAE_TILING_MODES,
+    "http.preview": PREVIEW_MODES,
     "log_level": LOG_LEVELS,
     "mqtt.protocol": ("mqttv5", "mqttv311"),
 }

@@ -102,10 +102,12 @@ def _png(rgb: np.ndarray) -> bytes:
 Preview = LatentPreview | DecoderPreview  # both: rgb(latents) -> uint8 HWC, png(latents), source
 
 
-def make_preview(bundle: Bundle, latent_channels: int, runtime: RuntimeOptions) -> Preview | None:
-    """The tiny decoder when the bundle decodes with one, else :func:`load_preview` of its own
-    vae_decoder/ (fitted coefficients map the UNet's latents, whichever decoder model.decoder picks)."""
-    if bundle.tiny_decoder:
+def make_preview(bundle: Bundle, latent_channels: int, runtime: RuntimeOptions,
+                 mode: str = "auto") -> Preview | None:
+    """The tiny decoder when the bundle decodes with one (and ``mode`` is auto, not linear), else
+    :func:`load_preview` of its own vae_decoder/ (fitted coefficients map the UNet's latents,
+    whichever decoder model.decoder picks)."""
+    if bundle.tiny_decoder and mode == "auto":
         return DecoderPreview(bundle, runtime)
     return load_preview(bundle.root / "vae_decoder", latent_channels)
 

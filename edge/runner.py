@@ -31,7 +31,7 @@ class Runner(Protocol):
 class PipelineRunner:
     """The resident :class:`~edge.pipeline.Pipeline`: loaded once, used for every job."""
 
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, preview: str = "auto"):
         self.pipeline = pipeline
         self.model = pipeline.bundle.name
         self.precision = pipeline.precision
@@ -39,7 +39,7 @@ class PipelineRunner:
         self.size = pipeline.default_size()
         self.fixed_size = pipeline.fixed_size
         self.model_kind = pipeline.model_kind
-        self.preview = make_preview(pipeline.bundle, pipeline.latent_channels, pipeline.runtime)
+        self.preview = make_preview(pipeline.bundle, pipeline.latent_channels, pipeline.runtime, preview)
 
     def check(self, job: Job) -> None:
         self.pipeline.check(job)

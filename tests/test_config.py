@@ -31,6 +31,7 @@ def write(tmp_path, text):
     ("runtime:\n  threads: -1\n", "runtime.threads: must be 0 or more"),
     ("model:\n  precision: int4\n", "model.precision: 'int4' is not allowed; choose one of auto, fp32"),
     ("runtime:\n  graph_optimization: max\n", "choose one of auto, disabled, basic, extended, all"),
+    ("http:\n  preview: tiny\n", "http.preview: 'tiny' is not allowed; choose one of auto, linear"),
     ("runtime:\n  providers: cpu\n", "runtime.providers: must be a list"),
     ("limits:\n  max_steps: 1.5\n", "limits.max_steps: must be int"),
     ("limits: [1]\n", "limits: must be a mapping"),

@@ -65,6 +65,9 @@ def test_a_tiny_decoder_makes_the_previews(tiny_sd_pipeline):
     assert np.array_equal(preview.rgb(steps[-1].latents), image) and image.std() > 5
     assert not np.array_equal(preview.rgb(steps[0].latents), image)
     assert isinstance(PipelineRunner(tiny_sd_pipeline).preview, LatentPreview)  # a full VAE: the linear map
+    linear = PipelineRunner(pipe, "linear").preview  # http.preview: linear keeps the denoising loop's steps short
+    assert isinstance(linear, LatentPreview)
+    assert linear.rgb(steps[-1].latents).shape == (*steps[-1].latents.shape[2:], 3)  # a pixel per latent
 
 
 def test_a_tiny_decoders_preview_is_pooled_to_its_side_limit():
