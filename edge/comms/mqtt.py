@@ -17,9 +17,8 @@ Topics, with ``<prefix>`` = ``mqtt.topic_prefix`` (default ``edge-imagegen/<devi
 - An MQTT 5 request with a ResponseTopic gets its result there too (one message, so that
   ``mosquitto_rr`` and other request/response clients get the result), with the request's
   CorrelationData.
-- Images: :mod:`edge.comms.mqtt_images`; ``get``, history, cancel, plain-text prompts and Home
-  Assistant's topics: :mod:`edge.comms.mqtt_requests`, :mod:`edge.comms.homeassistant`; the
-  connection's settings: :mod:`edge.comms.mqtt_connection`.
+- Images: :mod:`edge.comms.mqtt_images`; ``get``, history, cancel, plain text, Home Assistant:
+  :mod:`edge.comms.mqtt_requests`, :mod:`edge.comms.homeassistant`; settings: :mod:`edge.comms.mqtt_connection`.
 
 Nothing accepted is lost: the session is persistent (clean start off; with MQTT 5 a Session
 Expiry Interval, without which the session would end with the connection) and messages are
@@ -110,12 +109,12 @@ class MqttFrontEnd:
         self.client = client
         self.requests = RequestTopics(self)
         self.requests.install(client)
+        self.reconfigured = self.requests.reconfigured  # FrontEnd's: Home Assistant discovery again
         service.events.subscribe(self._on_event)
         service.supervisor.on_change(self._state_dirty.set)
 
     @property
-    def config(self) -> Config:
-        """The service's config: a SIGHUP's limits (the largest history, image sizes) apply at once."""
+    def config(self) -> Config:  # the service's: a SIGHUP's limits apply at once
         return self.service.config
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -134,11 +133,6 @@ class MqttFrontEnd:
         self._network = supervisor.spawn("mqtt-network", lambda: watch_network(self.client, self._closing),
                                          self._closing, lambda: restart_network(self.client))
         self._housekeeper = supervisor.spawn("mqtt-housekeeping", self._housekeeping, self._closing)
-
-    def reconfigured(self) -> None:
-        """Home Assistant's text entity carries limits.max_prompt_chars: discovery again, retained."""
-        if self.config.mqtt.homeassistant and self.client.is_connected():
-            self.requests.publish_discovery()
 
     def stop_accepting(self) -> None:
         self.accepting = False

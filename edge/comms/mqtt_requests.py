@@ -95,6 +95,11 @@ class RequestTopics:
                 self.front.client.publish(topic, b"", qos=1, retain=True)
             log.info("removed the Home Assistant discovery configs (mqtt.homeassistant_remove)")
 
+    def reconfigured(self) -> None:
+        """Home Assistant's text entity carries limits.max_prompt_chars: discovery again, retained."""
+        if self.front.config.mqtt.homeassistant and self.front.client.is_connected():
+            self.publish_discovery()
+
     def publish_discovery(self) -> None:
         service = self.front.service
         messages = ha.discovery(self.front.config, service.device_id, self.front.prefix, service.runner.model,
