@@ -7,4 +7,4 @@ source scripts/setup-env.sh
 ensure_python
 make_venv .
 PROMPT=${1:-"knolling of 2 red gears and a blue battery"}
-exec .venv/bin/edge-imagegen generate "$PROMPT" --seed 42 --out outputs
+exec .venv/bin/edge-imagegen generate "$PROMPT" --seed 9 --out outputs

@@ -103,20 +103,26 @@ KNOLLING_JOB = {"prompt": "knolling of 3 red gears", "steps": 6, "seed": 11, "gu
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int8", "fp16"])
 def test_quantized_variants_take_the_lora_within_their_own_bound(knolling_lora, precision):
-    """INT8: re-quantized from the fused weight; the image stays as close to FP32-with-LoRA as the
-    variant's image is to FP32 without one (less 1 dB). FP16: the fused weight cast."""
+    """INT8: re-quantized from the fused weight; the images stay as close to FP32-with-LoRA as the
+    variant's images are to FP32 without one (less 1 dB). FP16: the fused weight cast. Means over 4
+    seeds: one INT8 image's own distance to FP32 varies by more than that bound (19-31 dB)."""
     bundle = load_bundle(EMBEDDED_MODEL)
     config = LoraConfig(dir=str(knolling_lora))
     fp32 = Pipeline(bundle, RuntimeOptions(threads=1), lora=config)
     variant = Pipeline(bundle, RuntimeOptions(threads=1), fixed_plan({"unet": precision, "text_encoder": precision}),
                        lora=config)
-    base32, base_q = (image(p, **KNOLLING_JOB) for p in (fp32, variant))
-    with_lora = {**KNOLLING_JOB, "loras": [{"name": "style", "strength": 1.0}]}
-    lora32, lora_q = (image(p, **with_lora) for p in (fp32, variant))
-    assert psnr(lora32, base32) < 30  # the LoRA changes the image
-    bound = psnr(base_q, base32)
-    assert psnr(lora_q, lora32) >= bound - 1, (psnr(lora_q, lora32), bound)
-    assert psnr(lora_q, lora32) > psnr(lora_q, base_q)  # the variant did take the LoRA
+    changed, bound, took, kept = [], [], [], []
+    for seed in range(11, 15):
+        job = {**KNOLLING_JOB, "seed": seed}
+        with_lora = {**job, "loras": [{"name": "style", "strength": 1.0}]}
+        base32, base_q, lora32, lora_q = (image(p, **j) for j in (job, with_lora) for p in (fp32, variant))
+        changed.append(psnr(lora32, base32))
+        bound.append(psnr(base_q, base32))
+        took.append(psnr(lora_q, lora32))
+        kept.append(psnr(lora_q, base_q))
+    assert max(changed) < 30  # the LoRA changes the image
+    assert np.mean(took) >= np.mean(bound) - 1, (took, bound)
+    assert np.mean(took) > np.mean(kept)  # the variant did take the LoRA
 
 
 # --- errors, named fields, at submit ---------------------------------------------------------------

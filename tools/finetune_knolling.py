@@ -18,12 +18,15 @@ Stages (``--work`` keeps the tokenizer, the latents cache, the checkpoint finetu
     train      the fine-tune, resumable (``--resume``), bounded by ``--steps`` and ``--max-minutes``
     export     the EMA weights -> Optimum ONNX export -> bundle (FP32); scheduler, VAE from the shipped one
 
-The second edition, not shipped yet (1000 steps drew worse than the first edition: benchmarks/README.md):
+The shipped second edition (benchmarks/README.md, "knolling-tiny second edition, shipped"), from the
+first edition (git worktree add /tmp/first 43e35bf):
 
-    W=/tmp/knolling-ft; B=edge/models/knolling-tiny
-    nice -n 5 /work/devvenv/bin/python tools/finetune_knolling.py train --bundle $B --work $W --max-minutes 50
+    W=/tmp/kft; B=/tmp/first/edge/models/knolling-tiny
+    nice -n 5 /work/devvenv/bin/python tools/finetune_knolling.py latents --bundle $B --work $W --scenes 24000
+    nice -n 5 /work/devvenv/bin/python tools/finetune_knolling.py train --bundle $B --work $W --scenes 24000 \
+        --max-minutes 82 --lr 4e-4 --ema 0.998 --decay-to 0.05 --save-every 250
     nice -n 5 /work/devvenv/bin/python tools/finetune_knolling.py export --bundle $B --work $W --dest /tmp/kt2
-    .venv/bin/edge-imagegen quantize --model /tmp/kt2      # then copy /tmp/kt2 over $B
+    cp -r $B/loras /tmp/kt2/ && edge-imagegen quantize /tmp/kt2     # then copy /tmp/kt2 over edge/models/knolling-tiny
 """
 
 from __future__ import annotations
@@ -266,6 +269,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--decay-to", type=float, help="cosine decay to this share of --lr at --steps")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--uncond-rate", type=float, default=0.1)
     parser.add_argument("--min-snr-gamma", type=float, default=5.0)

@@ -186,13 +186,22 @@ def parameters(model: torch.nn.Module) -> int:
 class Budget:
     steps: int
     deadline: float  # time.monotonic() value; inf: none
+    start_step: int = 0
+    start: float = 0.0
 
     @classmethod
-    def of(cls, steps: int, minutes: float | None) -> "Budget":
-        return cls(steps, time.monotonic() + minutes * 60 if minutes else math.inf)
+    def of(cls, steps: int, minutes: float | None, start_step: int = 0) -> "Budget":
+        now = time.monotonic()
+        return cls(steps, now + minutes * 60 if minutes else math.inf, start_step, now)
 
     def done(self, step: int) -> bool:
         return step >= self.steps or time.monotonic() >= self.deadline
+
+    def progress(self, step: int) -> float:
+        """0 -> 1 over this run: by steps or by the clock, whichever ends it first."""
+        by_steps = (step - self.start_step) / max(1, self.steps - self.start_step)
+        by_clock = (time.monotonic() - self.start) / (self.deadline - self.start)
+        return min(1.0, max(by_steps, by_clock))
 
 
 class Log:
@@ -425,6 +434,16 @@ def train_unet(args: argparse.Namespace) -> None:
          "scaling_factor": float(data["scaling_factor"])}), args.work / "unet.pt", check=("vae_step",))
 
 
+def learning_rate(args: argparse.Namespace, step: int, budget: Budget) -> float:
+    """Linear warm-up, then constant (the EMA does the annealing) or, with ``--decay-to``, a cosine
+    down to that share of ``--lr`` at the end of this run's budget (steps or minutes): a fine-tune's
+    last steps at a low rate sharpen what the EMA of a constant rate leaves blurred."""
+    rate = args.lr * min(1.0, (step + 1) / args.warmup)
+    if args.decay_to is None:
+        return rate
+    return rate * (args.decay_to + (1 - args.decay_to) * 0.5 * (1 + math.cos(math.pi * budget.progress(step))))
+
+
 def fit_unet(args: argparse.Namespace, unet: torch.nn.Module, text_encoder: torch.nn.Module, data: UnetData,
              ckpt_path: Path, check: tuple[str, ...]) -> None:
     """Train UNet + text encoder jointly (epsilon prediction, min-SNR weights, CFG dropout, EMA) from
@@ -455,7 +474,7 @@ def fit_unet(args: argparse.Namespace, unet: torch.nn.Module, text_encoder: torc
                                    ).alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     weight_of_t = torch.clamp(snr, max=args.min_snr_gamma) / snr  # min-SNR weighting (Hang et al. 2023)
-    budget = Budget.of(args.steps, args.max_minutes)
+    budget = Budget.of(args.steps, args.max_minutes, step)
     logger = Log(args.work, ckpt_path.stem)
     for m in models:
         m.train()
@@ -478,8 +497,8 @@ def fit_unet(args: argparse.Namespace, unet: torch.nn.Module, text_encoder: torc
             noise = noise + args.offset_noise * torch.randn(x0.shape[0], x0.shape[1], 1, 1, device=device)
         ab = alphas_cumprod[t][:, None, None, None]
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        for group in opt.param_groups:  # linear warm-up, then constant (the EMA does the annealing)
-            group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(args, step, budget)
         context = text_encoder(ids)[0]
         eps = unet(xt, t, encoder_hidden_states=context).sample
         loss = (weight_of_t[t] * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
@@ -492,7 +511,8 @@ def fit_unet(args: argparse.Namespace, unet: torch.nn.Module, text_encoder: torc
         losses.append(loss.item())
         if step % args.log_every == 0 or budget.done(step):
             now = time.monotonic()
-            logger.write(step, float(np.mean(losses)), (now - t_last) / (step - last_step))
+            logger.write(step, float(np.mean(losses)), (now - t_last) / (step - last_step),
+                         lr=opt.param_groups[0]["lr"])
             t_last, last_step, losses = now, step, []
         if step % args.save_every == 0:
             save()
@@ -601,6 +621,7 @@ def main() -> None:
     unet_opts.add_argument("--uncond-rate", type=float, default=0.1, help="share of empty captions (for CFG)")
     unet_opts.add_argument("--min-snr-gamma", type=float, default=5.0)
     unet_opts.add_argument("--warmup", type=int, default=200)
+    unet_opts.add_argument("--decay-to", type=float, help="cosine decay to this share of the rate at --steps")
     unet_opts.add_argument("--offset-noise", type=float, default=0.0,
                            help="std of a per-channel constant added to the noise (see OFFSET NOISE above)")
     export_opts = argparse.ArgumentParser(add_help=False)
