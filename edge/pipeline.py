@@ -253,7 +253,10 @@ class Pipeline:
         return guide.combine(eps)[None]
 
     def _denoise(self, start: editing.Start, job: Job, scheduler, rng: np.random.Generator,
-                 report: Callable[[int, float, np.ndarray], None], cancel: threading.Event | None) -> np.ndarray:
+                 report: Callable[[int, float, np.ndarray], None], cancel: threading.Event | None,
+                 finish: threading.Event | None) -> tuple[np.ndarray, int]:
+        """The latents to decode and the steps run: all of them, or up to a ``finish`` (then the
+        last step's denoised estimate, as AUTOMATIC1111's interrupt keeps what is drawn so far)."""
         latents, steps = start.latents, len(scheduler.timesteps) - start.index
         for i in range(start.index, len(scheduler.timesteps)):
             done = i - start.index
@@ -266,8 +269,11 @@ class Pipeline:
             latents = scheduler.step(eps, i, latents, step_noise)
             if start.after_step is not None:  # inpainting with an ordinary UNet: the known region back
                 latents = start.after_step(latents, i)
-            report(done + 1, time.perf_counter() - t0, latents if scheduler.x0 is None else scheduler.x0)
-        return latents
+            estimate = latents if scheduler.x0 is None else scheduler.x0
+            report(done + 1, time.perf_counter() - t0, estimate)
+            if finish is not None and finish.is_set() and done + 1 < steps:
+                return estimate, done + 1
+        return latents, steps
 
     def decode(self, latents: np.ndarray) -> Image.Image:
         latents = latents / self.bundle.vae_scaling_factor + self.bundle.vae_shift_factor
@@ -285,8 +291,10 @@ class Pipeline:
 
     # --- a whole job -------------------------------------------------------------------------
     def generate(self, job: Job, on_step: Callable[[Step], None] | None = None,
-                 cancel: threading.Event | None = None) -> Result:
-        """Run a job that :meth:`check` accepted and whose seed is resolved (:func:`edge.jobs.admit`)."""
+                 cancel: threading.Event | None = None, finish: threading.Event | None = None) -> Result:
+        """Run a job that :meth:`check` accepted and whose seed is resolved (:func:`edge.jobs.admit`).
+        ``cancel`` stops it with no images (CancelledError); ``finish`` ends it at the next step
+        with the images drawn so far, the current one from its denoised estimate."""
         if job.seed < 0:
             raise ValidationError("seed", "must be resolved before generation (see jobs.admit)")
         width, height = self.size(job)
@@ -295,12 +303,12 @@ class Pipeline:
             ensure_room_for_job(self.plan, self.headroom)
         self.lora.activate(job.loras)
         try:
-            return self._generate(job, edit, width, height, on_step, cancel)
+            return self._generate(job, edit, width, height, on_step, cancel, finish)
         finally:
             self.lora.release()
 
-    def _generate(self, job: Job, edit: editing.Edit, width: int, height: int,
-                  on_step: Callable[[Step], None] | None, cancel: threading.Event | None) -> Result:
+    def _generate(self, job: Job, edit: editing.Edit, width: int, height: int, on_step: Callable[[Step], None] | None,
+                  cancel: threading.Event | None, finish: threading.Event | None) -> Result:
         scheduler = schedulers.from_config(self.bundle.scheduler_config, job.scheduler)
         timings: dict[str, float | list[float]] = {"steps": []}
         t0 = time.perf_counter()
@@ -332,7 +340,7 @@ class Pipeline:
                     on_step(Step(k, job.count, step, steps, seconds, latents))
             return report
 
-        finals = []
+        finals, notes = [], list(edit.notes)
         with self.unet.loaded():
             for k in range(job.count):
                 rng = make_rng(job.seed + k)
@@ -340,7 +348,12 @@ class Pipeline:
                 start = edit.start(scheduler, lambda shape: gaussian(rng, shape), shape, cond, uncond,
                                    self.bundle.encoder_scaling_factor, self.bundle.vae_shift_factor)
                 steps = len(scheduler.timesteps) - start.index
-                finals.append(self._denoise(start, job, scheduler, rng, reporter(k), cancel))
+                latents, done = self._denoise(start, job, scheduler, rng, reporter(k), cancel, finish)
+                finals.append(latents)
+                if finish is not None and finish.is_set() and (done < steps or k + 1 < job.count):
+                    notes.append(f"interrupted: image {k + 1} of {job.count} ends at step {done} of {steps}"
+                                 f" (its denoised estimate there); {job.count - k - 1} more not made")
+                    break
         t2 = time.perf_counter()
         with self.vae_decoder.loaded():
             images = [GeneratedImage(job.seed + k, edit.finish(self.decode(latents)))
@@ -352,7 +365,7 @@ class Pipeline:
                       tokens_dropped={"prompt": dropped, "negative_prompt": neg_dropped}, timings=timings,
                       lora_hashes=self.lora.hashes(job.loras),
                       warnings=[w for w in (prompt_warning(self.tokenizer, job.prompt, self.bundle.name),) if w]
-                      + edit.notes, parameters=edit.parameters())
+                      + notes, parameters=edit.parameters())
 
 
 @contextmanager

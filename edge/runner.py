@@ -25,7 +25,8 @@ class Runner(Protocol):
 
     def check(self, job: Job) -> None: ...  # raise ValidationError for what only the model knows
 
-    def generate(self, job: Job, on_step: Callable[[Step], None], cancel: threading.Event) -> Result: ...
+    def generate(self, job: Job, on_step: Callable[[Step], None], cancel: threading.Event,
+                 finish: threading.Event | None = None) -> Result: ...  # finish: end early, keep the images
 
 
 class PipelineRunner:
@@ -44,5 +45,6 @@ class PipelineRunner:
     def check(self, job: Job) -> None:
         self.pipeline.check(job)
 
-    def generate(self, job: Job, on_step: Callable[[Step], None], cancel: threading.Event) -> Result:
-        return self.pipeline.generate(job, on_step=on_step, cancel=cancel)
+    def generate(self, job: Job, on_step: Callable[[Step], None], cancel: threading.Event,
+                 finish: threading.Event | None = None) -> Result:
+        return self.pipeline.generate(job, on_step=on_step, cancel=cancel, finish=finish)

@@ -78,6 +78,7 @@ class Service(Intake):
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._cancel = threading.Event()
+        self._finish = threading.Event()  # interrupt(): end the running job early, keeping its images
         self._current: JobRecord | None = None
         self._current_step: Step | None = None
         self._last_job: dict[str, Any] | None = None  # the last job that ended since the start: id, state, seconds
@@ -121,6 +122,15 @@ class Service(Intake):
             log.info("job %s cancelled while queued", record.id)
             self._emit("finished", record)
         return cancel_body(record, cancelled)
+
+    def interrupt(self, job_id: str) -> bool:
+        """End the running job ``job_id`` at its next step with the images drawn so far (AUTOMATIC1111's
+        interrupt); False when it is not the one running."""
+        current = self._current
+        if current is None or current.id != job_id:
+            return False
+        self._finish.set()
+        return True
 
     def history(self, limit: Any = 20, before: Any = None) -> dict[str, Any]:
         """A page of past and current jobs, newest first; ``next`` is the ``before`` of the next page."""
@@ -200,6 +210,7 @@ class Service(Intake):
 
     def _run(self, record: JobRecord) -> None:
         self._cancel.clear()
+        self._finish.clear()
         self._current, self._current_step = record, None
         log.info("job %s started (attempt %d): %d image(s), %d steps", record.id, record.attempts,
                  record.job.count, record.job.steps)
@@ -252,7 +263,7 @@ class Service(Intake):
             self._current_step = step
             self._emit("progress", record, step)
 
-        result = self.runner.generate(self.inputs.resolve(job), on_step, self._cancel)
+        result = self.runner.generate(self.inputs.resolve(job), on_step, self._cancel, self._finish)
         t0 = time.perf_counter()
         paths = save_result(result, self.out_dir, record.id, model=self.runner.model, provider=self.runner.provider,
                             precision=self.runner.precision, sidecar=output.sidecar, when=when,
@@ -271,7 +282,7 @@ class Service(Intake):
         now = time.time()
         timings = {"wait": round((record.started or now) - record.submitted, 4), **timings,
                    "total": round(now - record.submitted, 4)}
-        body = {"paths": [str(p) for p in paths], "seeds": [record.job.seed + k for k in range(record.job.count)],
+        body = {"paths": [str(p) for p in paths], "seeds": [record.job.seed + k for k in range(len(paths))],
                 "timings": timings, "model": self.runner.model, "precision": self.runner.precision,
                 "provider": self.runner.provider}
         if warnings:

@@ -167,9 +167,9 @@ class HangingRunner(PipelineRunner):
         super().__init__(pipeline)
         self.release = threading.Event()
 
-    def generate(self, job, on_step, cancel):
+    def generate(self, job, on_step, cancel, finish=None):
         self.release.wait(30)
-        return super().generate(job, on_step, cancel)
+        return super().generate(job, on_step, cancel, finish)
 
 
 def test_watchdog_pings_only_while_the_worker_shows_progress(tmp_path, pipeline):

@@ -6,6 +6,7 @@ import io
 import json
 import signal
 import socket
+import threading
 import time
 import urllib.request
 
@@ -100,11 +101,15 @@ def test_a1111_img2img_by_webuiapi_inpaints_and_keeps_the_rest(daemon, api):
     assert entry["job"]["job"]["init_image"].startswith("sha256:")  # the journal holds a reference
 
 
-def test_a1111_progress_shows_the_step_and_a_preview_and_interrupt_cancels(daemon, api):
+def test_a1111_progress_shows_the_step_and_a_preview_and_interrupt_answers_with_what_is_drawn(daemon, api):
+    """As AUTOMATIC1111: /sdapi/v1/interrupt ends the running txt2img at its next step, and the waiting
+    call answers 200 with the image drawn so far (its denoised estimate), not an error."""
     client = webuiapi.WebUIApi(host="127.0.0.1", port=daemon.http_port)
-    status, body, _ = api.post("/api/jobs", LONG)
-    assert status == 202
-    progress = wait_until(lambda: (p := client.get_progress())["state"]["sampling_step"] > 0 and p, 30,
+    answer = {}
+    waiting = threading.Thread(target=lambda: answer.update(result=client.txt2img(
+        prompt="knolling of 3 red gears", seed=7, steps=150, batch_size=8, width=128, height=128)))
+    waiting.start()
+    progress = wait_until(lambda: (p := client.get_progress())["state"]["sampling_step"] > 2 and p, 30,
                           "a step in /sdapi/v1/progress")
     assert progress["state"]["sampling_steps"] == 150 and 0 < progress["progress"] < 1
     assert progress["eta_relative"] > 0
@@ -112,7 +117,18 @@ def test_a1111_progress_shows_the_step_and_a_preview_and_interrupt_cancels(daemo
     assert preview.size == (16, 16)  # one pixel per latent: 128 / 8
     assert api.get("/sdapi/v1/progress?skip_current_image=true")[1]["current_image"] is None
     assert client.interrupt() == {}
-    assert api.wait_state(body["id"], ("cancelled",))["state"] == "cancelled"
+    waiting.join(60)
+    result = answer["result"]
+    assert len(result.images) == 1 and seed_of(result.images[0]) == 7  # the first image, the other 7 not made
+    drawn = np.asarray(result.images[0].convert("L"))
+    assert (drawn > 240).mean() > 0.5 and (drawn < 200).any()  # a picture on white, not noise
+    job = api.get(f"/api/jobs/{result.info['job_id']}")[1]
+    assert job["state"] == "done" and job["seeds"] == [7] and len(job["paths"]) == 1
+    assert any(w.startswith("interrupted: image 1 of 8 ends at step") for w in job["warnings"]), job["warnings"]
+    history = api.get("/api/jobs?limit=5")[1]["jobs"]
+    assert next(e for e in history if e["id"] == job["id"])["seeds"] == [7]  # the history shows what was made
+    assert client.interrupt() == {}  # nothing running: nothing to do
+    assert_healthy(api)
 
 
 def test_openai_images_by_the_openai_client_b64_json_and_url(daemon, api):

@@ -101,6 +101,25 @@ def test_cancel_between_steps(pipeline):
         pipeline.generate(job(steps=5), on_step=on_step, cancel=cancel)
 
 
+def test_finish_ends_the_job_with_the_current_images_denoised_estimate(pipeline):
+    """AUTOMATIC1111's interrupt: the image under way is decoded from the step's x0 estimate, the
+    rest of the batch is not made, and a warning says so."""
+    finish, estimates = threading.Event(), []
+
+    def on_step(s):
+        estimates.append(s.latents.copy())
+        if s.image == 1 and s.step == 2:
+            finish.set()
+
+    result = pipeline.generate(job(steps=5, count=3, seed=20), on_step=on_step, finish=finish)
+    assert [i.seed for i in result.images] == [20, 21] and len(estimates) == 7  # 5 steps of image 1, 2 of image 2
+    assert np.array_equal(np.asarray(result.images[1].image), np.asarray(pipeline.decode(estimates[-1])))
+    assert result.warnings[-1] == ("interrupted: image 2 of 3 ends at step 2 of 5 (its denoised estimate there); "
+                                   "1 more not made")
+    whole = pipeline.generate(job(steps=5, count=1, seed=20))  # image 1 ran all its steps: the same image
+    assert np.array_equal(np.asarray(whole.images[0].image), np.asarray(result.images[0].image))
+
+
 def test_long_prompt_reports_dropped_tokens(pipeline):
     result = pipeline.generate(job(prompt="gear " * 100, steps=1))
     assert result.tokens_dropped["prompt"] == 100 - 75

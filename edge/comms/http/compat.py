@@ -138,9 +138,10 @@ class Compat:
                                                      self.front.loop.time()))
 
     async def interrupt(self, request: web.Request) -> web.Response:
+        """As A1111: the running job ends at its next step and answers with what it has drawn."""
         current = (await self.front.call(self.service.status))["current"]
         if current is not None:
-            await self.front.call(self.service.cancel, current["id"])
+            await self.front.call(self.service.interrupt, current["id"])
         return web.json_response({})
 
     async def samplers(self, request: web.Request) -> web.Response:
