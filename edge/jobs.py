@@ -333,8 +333,9 @@ def progress_body(record: JobRecord, step: Step) -> dict[str, Any]:
 def history_entry(record: JobRecord) -> dict[str, Any]:
     """One job in a history listing: what was asked, where it stands, what came of it."""
     result = record.result or {}
+    asked = [record.job.seed + k for k in range(record.job.count)]
     return {"id": record.id, "state": record.state, "prompt": record.job.prompt, "job": record.job.to_dict(),
-            "source": record.source, "seeds": result.get("seeds", [record.job.seed + k for k in range(record.job.count)]),
+            "source": record.source, "seeds": result.get("seeds", asked),  # an interrupted job made fewer
             "paths": result.get("paths", []), "submitted": record.submitted, "started": record.started,
             "finished": record.finished, "error": record.error}
 
